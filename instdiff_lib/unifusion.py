@@ -33,10 +33,11 @@ class FourierEmbedder(nn.Module):
 
     def __init__(self, num_freqs: int = 16, temperature: float = 100.0):
         super().__init__()
-        self.register_buffer("freqs", temperature ** (torch.arange(num_freqs) / num_freqs), persistent=False)
+        self.num_freqs, self.temperature = num_freqs, temperature  # no buffer: nothing to load or move
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        arg = self.freqs.to(v.dtype)[:, None] * v[..., None, :]  # [..., K, D]
+        freqs = self.temperature ** (torch.arange(self.num_freqs, device=v.device) / self.num_freqs)
+        arg = freqs.to(v.dtype)[:, None] * v[..., None, :]  # [..., K, D]
         return torch.stack([arg.sin(), arg.cos()], dim=-2).flatten(-3)  # [..., K, 2, D] -> [..., 2KD]
 
 

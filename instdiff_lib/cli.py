@@ -1,0 +1,149 @@
+"""``instdiff`` command line: generate, convert, download, bench.
+
+    instdiff generate layouts/boxes_kitchen_animals.json --out outputs/demo --model tiny --steps 20
+    instdiff download --out weights/
+    instdiff convert weights/instancediffusion_sd15.pth --out weights/instdiff-sd15 --dtype fp16
+    instdiff bench --config tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name} requested but CUDA is not available on this machine")
+    return name
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import generate_from_layout
+
+    paths = generate_from_layout(
+        args.layout, args.out, model=args.model, seed=args.seed, steps=args.steps, guidance=args.guidance,
+        alpha=args.alpha, mis=args.mis, num_images=args.num_images, device=_device(args.device),
+        dtype=_dtype(args.dtype), drop=args.drop, negative_prompt=args.negative_prompt, truncate=args.truncate,
+        refine=args.refine, overwrite=args.overwrite, verify=not args.no_verify, method=args.method)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import file_sha256, load_official, save_converted
+
+    comp = load_official(args.checkpoint, sha256=args.sha256, prefer=args.entry)
+    for r in comp.reports:
+        print(r)
+    source = {"path": str(Path(args.checkpoint).resolve()), "sha256": args.sha256 or file_sha256(args.checkpoint),
+              "entry": comp.reports[0].source}
+    out = save_converted(comp, args.out, dtype=torch.float16 if args.dtype == "fp16" else torch.float32, source=source)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .checkpoint import download_official
+
+    print(download_official(args.out))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    report = run_bench(config=args.config, steps=args.steps, n_instances=args.instances, mis=args.mis,
+                       num_images=args.num_images, device=_device(args.device), dtype=_dtype(args.dtype),
+                       max_batch=args.max_batch, repeats=args.repeats)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="instdiff", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate images from a layout JSON (official demo format)")
+    g.add_argument("layout", help="layout JSON file")
+    g.add_argument("--out", required=True, help="output folder")
+    g.add_argument("--model", default="tiny", help="preset name (random init), converted folder, or official .pth")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=50)
+    g.add_argument("--guidance", type=float, default=7.5)
+    g.add_argument("--alpha", type=float, default=0.8, help="fraction of steps with the fusers on")
+    g.add_argument("--mis", type=float, default=0.36, help="fraction of steps of the Multi-Instance Sampler (0 = off)")
+    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--device", default="auto")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    g.add_argument("--drop", default="mask", choices=["mask", "box", "point", "all"],
+                   help="modality preset (official test_*.yaml): mask (default), box, point, all (scribbles)")
+    g.add_argument("--method", default="plms", choices=["plms", "ddim"])
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--truncate", action="store_true", help="keep the first 30 instances instead of failing")
+    g.add_argument("--refine", type=float, default=0.0, metavar="STRENGTH",
+                   help="SDXL-refiner img2img pass with this strength (needs the refiner weights)")
+    g.add_argument("--overwrite", action="store_true", help="regenerate even if the outputs exist")
+    g.add_argument("--no-verify", action="store_true", help="skip sha256 checks of a converted model")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("convert", help="convert the official .pth into a compact safetensors folder")
+    c.add_argument("checkpoint")
+    c.add_argument("--out", required=True)
+    c.add_argument("--dtype", choices=["fp32", "fp16"], default="fp16")
+    c.add_argument("--entry", choices=["ema", "model"], default="ema", help="preferred weights entry (official: ema)")
+    c.add_argument("--sha256", default=None, help="expected sha256 of the checkpoint (checked before loading)")
+    c.set_defaults(func=cmd_convert)
+
+    d = sub.add_parser("download", help="download the released InstanceDiffusion checkpoint (huggingface_hub)")
+    d.add_argument("--out", default="weights")
+    d.set_defaults(func=cmd_download)
+
+    b = sub.add_parser("bench", help="batched vs official-order sampling speed, in one process")
+    b.add_argument("--config", default="tiny", help="model preset (random weights): tiny, sd15, ...")
+    b.add_argument("--steps", type=int, default=10)
+    b.add_argument("--instances", type=int, default=4)
+    b.add_argument("--mis", type=float, default=0.36)
+    b.add_argument("--num-images", type=int, default=1)
+    b.add_argument("--device", default="auto")
+    b.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    b.add_argument("--max-batch", type=int, default=None)
+    b.add_argument("--repeats", type=int, default=1)
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .layout import LayoutError
+    from .text import PromptTooLongError
+
+    try:
+        return args.func(args)
+    except (CheckpointError, LayoutError, PromptTooLongError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    sys.exit(main())

@@ -1,0 +1,375 @@
+"""Tests for instdiff_lib.layout: demo JSON parsing, validation, round trips and grounding arrays."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from instdiff_lib import derive
+from instdiff_lib.layout import (
+    N_SLOTS,
+    Instance,
+    Layout,
+    LayoutError,
+    encode_mask,
+    grounding_arrays,
+    grounding_for_instance,
+)
+
+LAYOUT_DIR = Path(__file__).resolve().parents[1] / "layouts"
+LAYOUT_FILES = sorted(LAYOUT_DIR.glob("*.json"))
+
+
+def wide_top_right_mask(h: int = 512, w: int = 512) -> np.ndarray:
+    """rows 10..29, cols 300..499: a wide, short rectangle where x > y."""
+    m = np.zeros((h, w), bool)
+    m[10:30, 300:500] = True
+    return m
+
+
+def scene(annos: list[dict], width: int = 512, height: int = 512, caption: str = "a scene") -> dict:
+    return {"caption": caption, "width": width, "height": height, "annos": annos}
+
+
+def mixed_layout() -> Layout:
+    """A layout with every location type, masks and scribbles included."""
+    disc = np.zeros((512, 512), bool)
+    yy, xx = np.mgrid[:512, :512]
+    disc[(yy - 300) ** 2 + (xx - 120) ** 2 <= 60**2] = True
+    return Layout(
+        caption="a test scene",
+        width=512,
+        height=512,
+        instances=[
+            Instance("a box", box=(0.1, 0.2, 0.5, 0.6), category="thing"),
+            Instance("a point", point=(0.25, 0.75)),
+            Instance("a scribble", scribble=np.array([[0.1, 0.1], [0.2, 0.15], [0.3, 0.3]])),
+            Instance("a wide mask", mask=wide_top_right_mask()),
+            Instance("a disc", mask=disc, scribble=np.array([[0.2, 0.55], [0.25, 0.6]])),
+        ],
+    )
+
+
+def assert_same_layout(a: Layout, b: Layout) -> None:
+    assert (a.caption, a.width, a.height) == (b.caption, b.width, b.height)
+    assert len(a.instances) == len(b.instances)
+    for x, y in zip(a.instances, b.instances):
+        assert (x.caption, x.category) == (y.caption, y.category)
+        for name in ("box", "point", "scribble"):
+            u, v = getattr(x, name), getattr(y, name)
+            assert (u is None) == (v is None), name
+            if u is not None:
+                np.testing.assert_allclose(u, v, rtol=0, atol=1e-9)
+        assert (x.mask is None) == (y.mask is None)
+        if x.mask is not None:
+            assert np.array_equal(x.mask, y.mask)
+
+
+# -----------------------------------------------------------------------------
+# demo files and round trips
+
+
+def test_layout_dir_has_the_demo_scenes():
+    names = {p.name for p in LAYOUT_FILES}
+    expected = {
+        "boxes_kitchen_animals.json", "points_garden.json", "scribbles_beach.json", "masks_street.json",
+        "mixed_formats.json", "eagle_head_left.json", "eagle_head_right.json",
+    } | {f"iterative_r{k}.json" for k in range(1, 6)}
+    assert expected <= names
+
+
+@pytest.mark.parametrize("path", LAYOUT_FILES, ids=lambda p: p.name)
+def test_every_demo_layout_loads_and_round_trips(path):
+    layout = Layout.from_json(path)
+    assert 1 <= len(layout.instances) <= N_SLOTS
+    text = json.dumps(layout.to_json())  # JSON-serialisable (RLE counts are str)
+    assert_same_layout(layout, Layout.from_json(text))
+
+
+def test_demo_masks_are_real_rle_and_boxes_match_them():
+    layout = Layout.from_json(LAYOUT_DIR / "masks_street.json")
+    for inst in layout.instances:
+        assert inst.mask.shape == (512, 512) and inst.mask.sum() > 100
+        np.testing.assert_allclose(inst.box, derive.box_from_mask(inst.mask), atol=1e-9)
+
+
+def test_eagle_layouts_differ_only_in_the_beak_box():
+    left = Layout.from_json(LAYOUT_DIR / "eagle_head_left.json").to_json()
+    right = Layout.from_json(LAYOUT_DIR / "eagle_head_right.json").to_json()
+    diff = [i for i, (a, b) in enumerate(zip(left["annos"], right["annos"])) if a != b]
+    assert len(diff) == 1 and "beak" in left["annos"][diff[0]]["caption"]
+
+
+def test_round_trip_with_masks_and_scribbles():
+    layout = mixed_layout().validate()
+    data = json.loads(json.dumps(layout.to_json()))
+    assert data["annos"][2]["scribble"] == pytest.approx([51.2, 51.2, 102.4, 76.8, 153.6, 153.6])
+    assert isinstance(data["annos"][3]["mask"]["counts"], str)
+    assert data["annos"][3]["bbox"] == [300, 10, 200, 20]  # box derived from the mask
+    assert_same_layout(layout, Layout.from_json(data))
+
+
+# -----------------------------------------------------------------------------
+# parsing
+
+
+def test_pixels_are_normalised_by_width_and_height():
+    layout = Layout.from_json(scene([
+        {"caption": "a", "bbox": [384, 128, 192, 64], "point": [600, 500]},
+    ], width=768, height=512))
+    inst = layout.instances[0]
+    assert inst.box == (0.5, 0.25, 0.75, 0.375)
+    assert inst.point == (600 / 768, 500 / 512)
+
+
+def test_flat_and_paired_scribbles_are_equivalent():
+    flat = Layout.from_json(scene([{"caption": "s", "scribble": [10, 20, 30, 40, 50, 60]}]))
+    pairs = Layout.from_json(scene([{"caption": "s", "scribble": [[10, 20], [30, 40], [50, 60]]}]))
+    assert np.array_equal(flat.instances[0].scribble, pairs.instances[0].scribble)
+    assert flat.instances[0].scribble.shape == (3, 2)
+    np.testing.assert_allclose(flat.instances[0].scribble[1], [30 / 512, 40 / 512])
+
+
+def test_missing_or_zero_bbox_means_no_box_and_mask_gives_the_box():
+    m = wide_top_right_mask()
+    layout = Layout.from_json(scene([
+        {"caption": "p", "point": [5, 5]},
+        {"caption": "z", "bbox": [0, 0, 0, 0], "point": [5, 5], "mask": []},
+        {"caption": "m", "mask": encode_mask(m)},
+    ]))
+    a, b, c = layout.instances
+    assert a.box is None and b.box is None and b.mask is None
+    assert c.box == (300 / 512, 10 / 512, 500 / 512, 30 / 512)
+
+
+def test_compressed_rle_decodes_to_the_encoded_mask():
+    m = wide_top_right_mask()
+    m[200:260, 40:90] = True
+    rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+    rle = {"size": rle["size"], "counts": rle["counts"].decode()}
+    layout = Layout.from_json(scene([{"caption": "m", "mask": rle}]))
+    assert np.array_equal(layout.instances[0].mask, m)
+
+
+def test_uncompressed_rle_decodes():
+    m = np.zeros((16, 24), bool)
+    m[3:7, 10:20] = True
+    flat = m.flatten(order="F").astype(np.int8)  # COCO runs are column-major, starting with zeros
+    change = np.flatnonzero(np.diff(flat)) + 1
+    counts = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()
+    layout = Layout.from_json(scene([{"caption": "m", "mask": {"size": [16, 24], "counts": counts}}], 24, 16))
+    assert np.array_equal(layout.instances[0].mask, m)
+
+
+def test_polygon_mask_decodes_in_x_y_order():
+    layout = Layout.from_json(scene([{"caption": "poly", "mask": [[100, 10, 400, 10, 400, 50, 100, 50]]}]))
+    m = layout.instances[0].mask
+    assert m.shape == (512, 512)
+    assert m[30, 250] and not m[250, 30]
+    x0, y0, x1, y1 = layout.instances[0].box
+    assert (x1 - x0) > 5 * (y1 - y0)  # wide and short, as drawn
+
+
+def test_unknown_keys_are_ignored():
+    layout = Layout.from_json(scene([{"caption": "a", "bbox": [1, 2, 3, 4], "foo": 1}]) | {"bar": [1]})
+    assert len(layout.instances) == 1
+
+
+# -----------------------------------------------------------------------------
+# validation errors
+
+
+def too_many(n: int) -> dict:
+    return scene([{"caption": f"thing {i}", "point": [i, i]} for i in range(n)])
+
+
+def test_more_than_30_instances_is_an_error_that_suggests_truncate():
+    with pytest.raises(LayoutError, match=r"31 instances.*truncate=True"):
+        Layout.from_json(too_many(31))
+
+
+def test_truncate_keeps_the_first_30_and_warns():
+    with pytest.warns(UserWarning, match="keeping the first 30"):
+        layout = Layout.from_json(too_many(33), truncate=True)
+    assert [i.caption for i in layout.instances] == [f"thing {i}" for i in range(30)]
+
+
+@pytest.mark.parametrize(
+    "anno, fragments",
+    [
+        ({"caption": "a red car", "bbox": [10, 20, 600, 40]},
+         ["instance 1 ('a red car')", "box [10, 20, 600, 40]", "512x512", "x + w = 610 > 512"]),
+        ({"caption": "a red car", "bbox": [10, 500, 60, 40]}, ["instance 1 ('a red car')", "y + h = 540 > 512"]),
+        ({"caption": "a red car", "bbox": [-5, 20, 60, 40]}, ["instance 1 ('a red car')", "x = -5 < 0"]),
+        ({"caption": "flat", "bbox": [10, 20, 0, 40]}, ["instance 1 ('flat')", "zero or negative size", "w = 0"]),
+        ({"caption": "neg", "bbox": [10, 20, 30, -4]}, ["instance 1 ('neg')", "h = -4"]),
+        ({"caption": "p", "point": [600, 20]}, ["instance 1 ('p')", "point [600, 20]", "outside the 512x512"]),
+        ({"caption": "s", "scribble": [10, 10, 20, 700]}, ["instance 1 ('s')", "scribble point 1 [20, 700]"]),
+        ({"caption": "nan box", "bbox": [float("nan"), 1, 2, 3]}, ["instance 1 ('nan box')", "NaN"]),
+        ({"caption": "inf pt", "point": [float("inf"), 1]}, ["instance 1 ('inf pt')", "NaN/inf"]),
+        ({"caption": "nothing"}, ["instance 1 ('nothing')", "no location"]),
+        ({"bbox": [1, 2, 3, 4]}, ["instance 1", "caption"]),
+        ({"caption": "  ", "bbox": [1, 2, 3, 4]}, ["instance 1", "caption"]),
+        ({"caption": "short", "bbox": [1, 2, 3]}, ["instance 1 ('short')", "'bbox'", "4 numbers"]),
+        ({"caption": "text", "bbox": [1, 2, "3", 4]}, ["instance 1 ('text')", "'bbox'", "numbers"]),
+        ({"caption": "odd", "scribble": [1, 2, 3]}, ["instance 1 ('odd')", "even"]),
+        ({"caption": "bad mask", "mask": {"counts": "abc"}}, ["instance 1 ('bad mask')", "'mask'"]),
+        ({"caption": "bad rle", "mask": {"size": [512, 512], "counts": "zz"}}, ["instance 1 ('bad rle')", "invalid"]),
+        ({"caption": "short rle", "mask": {"size": [512, 512], "counts": encode_mask(np.ones((8, 8), bool))["counts"]}},
+         ["instance 1 ('short rle')", "do not cover"]),
+        ({"caption": "nan box", "bbox": [10, 20, float("nan"), 3]}, ["box [10, 20, nan, 3] contains NaN/inf"]),
+        ({"caption": "small mask", "mask": encode_mask(np.ones((256, 256), bool))},
+         ["instance 1 ('small mask')", "mask shape (256, 256)", "(512, 512)"]),
+    ],
+)
+def test_invalid_instances_raise_naming_instance_and_problem(anno, fragments):
+    data = scene([{"caption": "fine", "bbox": [0, 0, 512, 512]}, anno])
+    with pytest.raises(LayoutError) as err:
+        Layout.from_json(json.dumps(data))
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "top level"),
+        (json.dumps(scene([])).replace('"annos": []', '"annos": {}'), "'annos' must be a list"),
+        (json.dumps({"caption": "x", "width": 512, "annos": []}), "'height'"),
+        (json.dumps({"caption": "x", "width": 0, "height": 512, "annos": []}), "'width'"),
+        (json.dumps({"caption": "x", "width": 512.5, "height": 512, "annos": []}), "'width'"),
+        (json.dumps(scene(["a string"])), "instance 0"),
+    ],
+)
+def test_malformed_json_raises_layout_error(data, fragment):
+    with pytest.raises(LayoutError) as err:
+        Layout.from_json(data)
+    assert fragment in str(err.value)
+
+
+def test_errors_from_a_file_name_the_file(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(scene([{"caption": "a red car", "bbox": [10, 20, 600, 40]}])))
+    with pytest.raises(LayoutError) as err:
+        Layout.from_json(path)
+    assert str(path) in str(err.value) and "a red car" in str(err.value)
+    path.write_text("{oops")
+    with pytest.raises(LayoutError, match="broken.json"):
+        Layout.from_json(str(path))
+    with pytest.raises(LayoutError, match="missing.json"):
+        Layout.from_json(tmp_path / "missing.json")
+
+
+def test_boxes_touching_the_border_and_empty_global_caption_are_fine():
+    layout = Layout.from_json(scene([{"caption": "all", "bbox": [0, 0, 512, 512]}], caption=""))
+    assert layout.instances[0].box == (0.0, 0.0, 1.0, 1.0)
+    # a hair outside (float noise from another tool) is tolerated, a pixel is not
+    Layout("", 512, 512, [Instance("a", box=(0, 0, 1 + 1e-9, 1))]).validate()
+    with pytest.raises(LayoutError, match="513 > 512"):
+        Layout("", 512, 512, [Instance("a", box=(0, 0, 513 / 512, 1))]).validate()
+
+
+def test_validate_checks_directly_built_layouts():
+    with pytest.raises(LayoutError, match=r"instance 0 \('s'\): scribble contains NaN"):
+        Layout("", 512, 512, [Instance("s", scribble=np.array([[0.1, np.nan]]))]).validate()
+    with pytest.raises(LayoutError, match="width must be a positive integer"):
+        Layout("", -1, 512, [Instance("a", point=(0.5, 0.5))]).validate()
+    with pytest.raises(LayoutError, match=r"mask shape \(512, 512\).*\(256, 512\)"):
+        Layout("", 512, 256, [Instance("m", mask=wide_top_right_mask())]).validate()
+
+
+def test_empty_mask_is_allowed():
+    layout = Layout("", 64, 64, [Instance("ghost", mask=np.zeros((64, 64), bool))]).validate()
+    g = grounding_arrays(layout, seed=0, seg_size=64)
+    assert g["masks"][0] == 1 and not g["polygons"].any() and not g["scribbles"].any() and not g["segs"].any()
+
+
+# -----------------------------------------------------------------------------
+# grounding arrays
+
+
+def test_grounding_shapes_dtypes_and_padding():
+    g = grounding_arrays(mixed_layout(), seed=0)
+    shapes = {"boxes": (30, 4), "masks": (30,), "points": (30, 2), "scribbles": (30, 40),
+              "polygons": (30, 512), "segs": (30, 512, 512)}
+    assert {k: v.shape for k, v in g.items()} == shapes
+    assert all(v.dtype == np.float32 for v in g.values())
+    assert g["masks"].tolist() == [1.0] * 5 + [0.0] * 25
+    for v in g.values():
+        assert not v[5:].any()
+
+
+def test_grounding_points_default_to_box_centres_and_keep_given_points():
+    g = grounding_arrays(mixed_layout(), seed=0)
+    np.testing.assert_allclose(g["boxes"][0], [0.1, 0.2, 0.5, 0.6], rtol=1e-6)
+    np.testing.assert_allclose(g["points"][0], [0.3, 0.4], rtol=1e-6)  # box centre
+    np.testing.assert_allclose(g["points"][1], [0.25, 0.75])  # the given point
+    assert not g["boxes"][1].any()  # point-only instance: no box
+    np.testing.assert_allclose(g["points"][2], [0.2, 0.55 / 3], rtol=1e-6)  # scribble-only: its mean
+
+
+def test_grounding_user_scribble_is_resampled_to_20_points():
+    layout = mixed_layout()
+    g = grounding_arrays(layout, seed=0)
+    expected = derive.reorder_scribble(layout.instances[2].scribble, 20).reshape(-1)
+    np.testing.assert_allclose(g["scribbles"][2], expected, rtol=1e-6)
+    assert not g["polygons"][2].any() and not g["segs"][2].any()  # no mask -> zeros
+
+
+def test_grounding_respects_x_column_y_row():
+    layout = Layout("", 512, 512, [Instance("wide", mask=wide_top_right_mask())])
+    g = grounding_arrays(layout, seed=0)
+    np.testing.assert_allclose(g["boxes"][0], [300 / 512, 10 / 512, 500 / 512, 30 / 512])
+    scrib = g["scribbles"][0].reshape(20, 2)
+    poly = g["polygons"][0].reshape(256, 2)
+    for pts in (scrib, poly, g["points"][:1]):
+        assert np.all(pts[:, 0] > pts[:, 1])
+    assert np.ptp(scrib[:, 0]) > np.ptp(scrib[:, 1]) and np.ptp(poly[:, 0]) > np.ptp(poly[:, 1])
+    seg = g["segs"][0]  # indexed [row, col]
+    assert seg[10:30, 300:500].all() and seg.sum() == 20 * 200
+
+
+def test_grounding_segs_are_nearest_resized_from_non_square_frames():
+    m = np.zeros((512, 768), bool)  # (H, W)
+    m[0:256, 384:768] = True  # top-right quarter
+    g = grounding_arrays(Layout("", 768, 512, [Instance("q", mask=m)]), seed=0, seg_size=64)
+    seg = g["segs"][0]
+    assert seg.shape == (64, 64) and set(np.unique(seg)) == {0.0, 1.0}
+    assert seg[:32, 32:].all() and not seg[32:, :].any() and not seg[:, :32].any()
+
+
+def test_grounding_is_deterministic_per_seed():
+    layout = mixed_layout()
+    a, b = grounding_arrays(layout, seed=7), grounding_arrays(layout, seed=7)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    c = grounding_arrays(layout, seed=8)
+    assert not np.array_equal(a["scribbles"][3], c["scribbles"][3])  # mask-derived scribble changes
+    assert np.array_equal(a["scribbles"][4], c["scribbles"][4])  # a user scribble does not
+
+
+def test_single_instance_grounding_matches_the_full_layout():
+    layout = mixed_layout()
+    full = grounding_arrays(layout, seed=3)
+    for i in range(len(layout.instances)):
+        one = grounding_for_instance(layout, i, seed=3)
+        for key in full:
+            assert np.array_equal(one[key][0], full[key][i]), (i, key)
+            assert not one[key][1:].any()
+
+
+def test_instance_derivation_does_not_depend_on_other_instances():
+    layout = mixed_layout()
+    fewer = Layout(layout.caption, 512, 512, layout.instances[:4])
+    a, b = grounding_arrays(layout, seed=1), grounding_arrays(fewer, seed=1)
+    assert np.array_equal(a["scribbles"][3], b["scribbles"][3])
+
+
+def test_grounding_rejects_too_many_instances_and_negative_seeds():
+    crowded = Layout("", 512, 512, [Instance(f"t{i}", point=(0.5, 0.5)) for i in range(31)])
+    with pytest.raises(LayoutError, match="31 instances"):
+        grounding_arrays(crowded, seed=0)
+    with pytest.raises(ValueError):
+        grounding_arrays(mixed_layout(), seed=-1)
