@@ -20,6 +20,7 @@ import os
 import pickle
 import types
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,10 +30,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .config import ModelConfig, VAEConfig, get_config, sd15
-from .keymap import KeyMapError, UNetLayout, convert_text_encoder_state_dict, convert_unet_state_dict, convert_vae_state_dict
+from .config import PRESETS, ModelConfig, VAEConfig, get_config
+from .keymap import (
+    SCALEU_PREFIX,
+    KeyMapError,
+    UNetLayout,
+    convert_text_encoder_state_dict,
+    convert_unet_state_dict,
+    convert_vae_state_dict,
+    unet_key_table,
+    vae_key_table,
+)
 from .model import InstanceUNet
-from .text import TextEncoder
+from .text import TextEncoder, text_model_config
 
 FORMAT = "instdiff-v1"
 OFFICIAL_REPO = "xudongw/InstanceDiffusion"
@@ -101,18 +111,27 @@ def build_components(cfg: ModelConfig | str, seed: int = 0, label: str | None = 
 
 # ---- strict loading -----------------------------------------------------------------------------
 def load_strict(module: torch.nn.Module, sd: dict[str, torch.Tensor], component: str, source: str,
-                assign: bool = False) -> LoadReport:
-    """Load ``sd`` into ``module`` strictly; on any gap raise a CheckpointError listing it."""
+                assign: bool = False, names: Mapping[str, str] | None = None) -> LoadReport:
+    """Load ``sd`` into ``module`` strictly; on any gap raise a CheckpointError listing it.
+
+    ``names`` (optional) maps keys of ``sd``/``module`` to the checkpoint's own names, shown in errors.
+    """
     expected = module.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     mismatched = sorted(k for k in set(sd) & set(expected) if tuple(sd[k].shape) != tuple(expected[k].shape))
     if missing or unexpected or mismatched:
+        def show(k):
+            return f"{k} (checkpoint: {names[k]})" if names and names.get(k, k) != k else k
+
         def few(keys):
-            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+            return ", ".join(map(show, keys[:5])) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+        shapes = [f"{show(k)}: {tuple(sd[k].shape)} in the checkpoint vs {tuple(expected[k].shape)} in the model"
+                  for k in mismatched]
         parts = [f"{len(missing)} missing [{few(missing)}]" if missing else "",
                  f"{len(unexpected)} unexpected [{few(unexpected)}]" if unexpected else "",
-                 f"{len(mismatched)} shape mismatches [{few([f'{k}: {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}' for k in mismatched])}]" if mismatched else ""]
+                 f"{len(mismatched)} shape mismatches [{', '.join(shapes[:5])}"
+                 f"{f' (+{len(shapes) - 5} more)' if len(shapes) > 5 else ''}]" if mismatched else ""]
         raise CheckpointError(f"{component} from {source} does not match the model config: "
                               + "; ".join(p for p in parts if p))
     module.load_state_dict(sd, strict=True, assign=assign)
@@ -180,40 +199,120 @@ def read_official(path: str | Path, sha256: str | None = None) -> dict:
     return ckpt
 
 
+UNET_ENTRIES = ("ema", "model")
+
+
+def _unet_layout(cfg: ModelConfig) -> UNetLayout:
+    return UNetLayout.from_ldm(cfg.unet.channel_mult, cfg.unet.num_res_blocks, cfg.unet.attention_resolutions)
+
+
+def _config_match(ckpt: dict, cfg: ModelConfig) -> tuple[int, int]:
+    """(matching, total) tensors of an official checkpoint vs. a config, by converted name and shape (meta only)."""
+    with torch.device("meta"):
+        unet = InstanceUNet(cfg).unet
+        vae = build_vae(cfg.vae, cfg.image_size)
+        from transformers import CLIPTextModel
+
+        text = CLIPTextModel(text_model_config(cfg.text))
+    layout = _unet_layout(cfg)
+    table, _ = unet_key_table(layout)
+    vae_table, _ = vae_key_table(cfg.vae)
+
+    def unet_name(k):
+        if k in table:
+            return table[k]
+        return SCALEU_PREFIX + k if k.startswith("scaleu_") else k  # position_net.* is verbatim
+
+    def squeeze(shape):  # LDM VAE attention 1x1 convs are Linear weights in diffusers
+        return shape[:2] if len(shape) == 4 and shape[2:] == (1, 1) else shape
+
+    matched = total = 0
+    parts = [(next((ckpt[e] for e in UNET_ENTRIES if isinstance(ckpt.get(e), dict)), {}), unet, unet_name, tuple),
+             (ckpt.get("autoencoder", {}), vae, lambda k: vae_table.get(k, k), squeeze),
+             (ckpt.get("text_encoder", {}), text, lambda k: k.removeprefix("transformer.text_model."), tuple)]
+    for sd, module, rename, norm in parts:
+        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        given = {rename(k): norm(tuple(v.shape)) for k, v in sd.items()
+                 if isinstance(v, torch.Tensor) and not k.endswith("position_ids")}
+        matched += sum(1 for k, s in given.items() if expected.get(k) == s)
+        total += len(set(given) | set(expected))
+    return matched, total
+
+
+def infer_official_config(ckpt: dict) -> ModelConfig:
+    """The preset (``sd15``, ``tiny``, ``parity-tiny``) whose tensor names and shapes best match the checkpoint.
+
+    Only shapes are compared (on the meta device): cheap even for the 13.6 GB release. The strict load that
+    follows reports any remaining difference against the chosen preset.
+    """
+    best, best_score = None, -1.0
+    for name, make in PRESETS.items():  # sd15 first: it wins ties
+        cfg = make()
+        matched, total = _config_match(ckpt, cfg)
+        score = matched / max(total, 1)
+        if score > best_score:
+            best, best_score = cfg, score
+    return best
+
+
 def load_official(path: str | Path, cfg: ModelConfig | None = None, sha256: str | None = None,
                   prefer: str = "ema", progress: bool = True) -> Components:
-    """Components from the official checkpoint: ``ema`` (else ``model``) UNet, its VAE and text encoder."""
-    cfg = cfg or sd15()
+    """Components from the official checkpoint: ``ema`` (else ``model``) UNet, its VAE and text encoder.
+
+    ``cfg=None`` picks the preset whose shapes match the checkpoint (``sd15`` for the release; see
+    :func:`infer_official_config`). The other UNet entry is used only when the preferred one is *absent*
+    (like the official loader); a preferred entry that is present but does not match raises.
+    """
+    if prefer not in UNET_ENTRIES:
+        raise ValueError(f"prefer must be one of {UNET_ENTRIES}, got {prefer!r}")
+    name = Path(path).name
     ckpt = read_official(path, sha256)
     for key in ("autoencoder", "text_encoder"):
-        if key not in ckpt:
-            raise CheckpointError(f"{path}: no {key!r} entry (keys: {sorted(ckpt)}); is this the InstanceDiffusion checkpoint?")
-    layout = UNetLayout.from_ldm(cfg.unet.channel_mult, cfg.unet.num_res_blocks, cfg.unet.attention_resolutions)
+        if not isinstance(ckpt.get(key), dict):
+            raise CheckpointError(f"{path}: no {key!r} entry (keys: {sorted(map(str, ckpt))}); "
+                                  "is this the InstanceDiffusion checkpoint?")
+    inferred = cfg is None
+    cfg = cfg or infer_official_config(ckpt)
+    order = [prefer] + [k for k in UNET_ENTRIES if k != prefer]
+    entry = next((e for e in order if e in ckpt), None)
+    if entry is None:
+        raise CheckpointError(f"{path}: no UNet weights (neither {UNET_ENTRIES[0]!r} nor {UNET_ENTRIES[1]!r}; keys: "
+                              f"{sorted(map(str, ckpt))}); is this the InstanceDiffusion checkpoint?")
+    other = next(e for e in UNET_ENTRIES if e != entry)
+    hint = f" (the {other!r} entry can be tried with: instdiff convert ... --entry {other})" if other in ckpt else ""
+
+    def convert(what: str, fn, *args):
+        try:
+            return fn(*args)
+        except (KeyMapError, ValueError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{what} from {name} does not match the {cfg.name!r} model config: {e}"
+                                  + (hint if what.startswith("unet") else "")) from e
+
     with torch.device("meta"):
         unet = InstanceUNet(cfg)
-    order = [prefer] + [k for k in ("ema", "model") if k != prefer]
-    errors, report = [], None
-    for entry in order:
-        if entry not in ckpt:
-            errors.append(f"no {entry!r} entry")
-            continue
-        try:
-            sd = convert_unet_state_dict(ckpt[entry], layout)
-            report = load_strict(unet.unet, sd, "unet", f"{Path(path).name}[{entry}]", assign=True)
-            break
-        except (KeyMapError, CheckpointError) as e:
-            errors.append(f"{entry}: {e}")
-    if report is None:
-        raise CheckpointError(f"{path}: no loadable UNet entry: " + " | ".join(errors))
-    if errors:
-        report.notes.append("fell back: " + " | ".join(errors))
+    source = f"{name}[{entry}]"
+    layout = _unet_layout(cfg)
+    sd = convert(f"unet [{entry}]", convert_unet_state_dict, ckpt[entry], layout)
+    unet_names = {v: k for k, v in unet_key_table(layout)[0].items()}
+    unet_names.update({SCALEU_PREFIX + k: k for k in ckpt[entry] if k.startswith("scaleu_")})
+    try:
+        report = load_strict(unet.unet, sd, "unet", source, assign=True, names=unet_names)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}{hint}") from e
+    if entry != prefer:
+        report.notes.append(f"fell back to {entry!r}: no {prefer!r} entry")
+    if inferred:
+        report.notes.append(f"config {cfg.name!r} inferred from tensor shapes")
     vae = build_vae(cfg.vae, cfg.image_size)
     text = TextEncoder(cfg.text)
+    vae_sd = convert("vae [autoencoder]", convert_vae_state_dict, ckpt["autoencoder"], cfg.vae)
+    text_sd = convert("text_encoder [text_encoder]", convert_text_encoder_state_dict, ckpt["text_encoder"])
     reports = [report,
-               load_strict(vae, convert_vae_state_dict(ckpt["autoencoder"], cfg.vae), "vae", f"{Path(path).name}[autoencoder]"),
-               load_strict(text.model, convert_text_encoder_state_dict(ckpt["text_encoder"]), "text_encoder",
-                           f"{Path(path).name}[text_encoder]")]
-    return Components(cfg, unet, vae, text, f"official {Path(path).name} [{report.source.split('[')[-1][:-1]}]", reports).eval()
+               load_strict(vae, vae_sd, "vae", f"{name}[autoencoder]",
+                           names={v: k for k, v in vae_key_table(cfg.vae)[0].items()}),
+               load_strict(text.model, text_sd, "text_encoder", f"{name}[text_encoder]",
+                           names={k: "transformer.text_model." + k for k in text_sd})]
+    return Components(cfg, unet, vae, text, f"official {name} [{entry}]", reports).eval()
 
 
 # ---- the converted folder -----------------------------------------------------------------------
@@ -249,9 +348,16 @@ def load_converted(folder: str | Path, verify: bool = True, label: str | None = 
     if not manifest_path.exists():
         raise CheckpointError(f"{folder} is not a converted instdiff model (no manifest.json). Create one with: "
                               f"instdiff convert PATH/TO/{OFFICIAL_FILE} --out {folder}  (weights: {DOWNLOAD_HINT})")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{manifest_path}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{manifest_path} is not readable ({e}); re-run instdiff convert") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        fmt = manifest.get("format") if isinstance(manifest, dict) else None
+        raise CheckpointError(f"{manifest_path}: unknown format {fmt!r} (expected {FORMAT}); re-run instdiff convert")
+    missing_files = sorted(set(FILES.values()) - set(manifest["files"]))
+    if missing_files:
+        raise CheckpointError(f"{manifest_path} lists no {missing_files}; re-run instdiff convert")
     for fname, meta in manifest["files"].items():
         p = folder / fname
         if not p.exists():

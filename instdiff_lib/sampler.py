@@ -57,7 +57,9 @@ class Schedule:
         if not 1 <= steps <= T:
             raise ValueError(f"steps must be in [1, {T}], got {steps}")
         ac = alphas_cumprod(cfg)
-        ts = torch.arange(0, T, T // steps, dtype=torch.int64) + 1
+        # = official range(0, T, T // steps) + 1 whenever steps divides T (50 does); for other step counts
+        # the official code overruns the table, we take the first `steps` entries (diffusers "leading").
+        ts = torch.arange(steps, dtype=torch.int64) * (T // steps) + 1
         alphas = ac[ts]
         alphas_prev = torch.cat([ac[:1], ac[ts[:-1]]])
         return cls(ts, alphas, alphas_prev, torch.sqrt(1.0 - alphas))

@@ -1,0 +1,204 @@
+"""Identities and structure of the model: the checks that hold for any weights."""
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from instdiff_lib.config import DropFlags, ModelConfig, get_config, sd15, tiny
+from instdiff_lib.model import InstanceUNet, diffusers_unet_kwargs
+from instdiff_lib.skips import decoder_h_channels, fourier_filter
+from instdiff_lib.unifusion import FourierEmbedder, UniFusion
+
+
+def _randomise_instance_params(m: InstanceUNet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith(("alpha_attn", "alpha_dense")):
+                p.copy_(torch.rand((), generator=g) + 0.5)
+            elif "scaleu" in name or "null_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = InstanceUNet(tiny()).eval()
+    _randomise_instance_params(m)
+    return m
+
+
+@pytest.fixture(scope="module")
+def inputs(model):
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(1)
+    B, s = 2, cfg.unet.sample_size
+    grounding = model.position_net.null_grounding(B, seg_size=32)
+    grounding["masks"][:, :2] = 1
+    grounding["boxes"][:, 0] = torch.tensor([0.1, 0.2, 0.5, 0.6])
+    grounding["boxes"][:, 1] = torch.tensor([0.5, 0.1, 0.9, 0.4])
+    grounding["positive_embeddings"][:, :2] = torch.randn(B, 2, cfg.unifusion.in_dim, generator=g)
+    grounding["segs"][:, 0, 6:19, 3:16] = 1
+    return dict(x=torch.randn(B, 4, s, s, generator=g), t=torch.tensor([900, 200]),
+                ctx=torch.randn(B, 77, cfg.unet.context_dim, generator=g), grounding=grounding)
+
+
+def test_fuser_count_and_token_count_at_sd15_size():
+    cfg = sd15()
+    with torch.device("meta"):
+        m = InstanceUNet(cfg)
+    assert len(m.fusers) == 16 == cfg.unet.n_transformer_blocks
+    assert cfg.unifusion.n_tokens == 184 and cfg.unifusion.seg_feature_dim == 3072
+    assert m.h_channels == [1280] * 7 + [640] * 3 + [320] * 2
+    heads = {blk.attn1.heads for blk in m.unet.modules() if hasattr(blk, "attn1")}
+    assert heads == {8}  # diffusers' attention_head_dim holds the head count (trap: not the head dim)
+
+
+def test_tokens_shape(model, inputs):
+    objs = model.tokenize(inputs["grounding"], DropFlags.preset("all"))
+    assert objs.shape == (2, model.cfg.unifusion.n_tokens, model.cfg.unet.context_dim)
+
+
+def test_gate_zero_is_the_plain_unet(model, inputs):
+    """Fusers off (official scale 0) and no skip re-weighting == a stock diffusers UNet with the same weights."""
+    plain = UNet2DConditionModel(**{**diffusers_unet_kwargs(model.cfg.unet), "attention_type": "default"}).eval()
+    sd = {k: v for k, v in model.unet.state_dict().items() if ".fuser." not in k and not k.startswith(("position_net.", "scaleu."))}
+    plain.load_state_dict(sd, strict=True)
+    objs = model.tokenize(inputs["grounding"])
+    model.set_skip_mode("none")
+    try:
+        with torch.no_grad():
+            ours = model(inputs["x"], inputs["t"], inputs["ctx"], objs, gate=0)
+            ref = plain(inputs["x"], inputs["t"], encoder_hidden_states=inputs["ctx"]).sample
+            grounded = model(inputs["x"], inputs["t"], inputs["ctx"], objs, gate=1)
+    finally:
+        model.set_skip_mode("scaleu")
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    assert (grounded - ref).abs().max() > 1e-3  # and the fusers do act when on
+
+
+def test_zero_gate_parameters_are_identity(inputs):
+    """At init (alpha_attn = alpha_dense = 0) the fusers add nothing, whatever the tokens."""
+    torch.manual_seed(0)
+    m = InstanceUNet(tiny()).eval()
+    objs = m.tokenize(inputs["grounding"])
+    with torch.no_grad():
+        torch.testing.assert_close(m(inputs["x"], inputs["t"], inputs["ctx"], objs, gate=1),
+                                   m(inputs["x"], inputs["t"], inputs["ctx"], objs, gate=0), atol=0, rtol=0)
+
+
+def test_scaleu_at_zero_is_identity(inputs):
+    torch.manual_seed(0)
+    m = InstanceUNet(tiny()).eval()
+    objs = m.tokenize(inputs["grounding"])
+    with torch.no_grad():
+        with_scaleu = m(inputs["x"], inputs["t"], inputs["ctx"], objs)
+        m.set_skip_mode("none")
+        without = m(inputs["x"], inputs["t"], inputs["ctx"], objs)
+    torch.testing.assert_close(with_scaleu, without, atol=2e-5, rtol=1e-5)
+
+
+def test_skip_modes_differ_and_hooks_fire_once_per_decoder_block(model, inputs):
+    objs = model.tokenize(inputs["grounding"])
+    outs, calls = {}, []
+    handle = model.unet.up_blocks[0].resnets[0].register_forward_pre_hook(lambda mod, args: calls.append(1))
+    try:
+        for mode in ("scaleu", "freeu", "none"):
+            model.set_skip_mode(mode)
+            with torch.no_grad():
+                outs[mode] = model(inputs["x"], inputs["t"], inputs["ctx"], objs)
+    finally:
+        model.set_skip_mode("scaleu")
+        handle.remove()
+    assert len(calls) == 3
+    assert (outs["scaleu"] - outs["none"]).abs().max() > 1e-3
+    assert (outs["freeu"] - outs["none"]).abs().max() > 1e-3
+    assert len(model._hooks) == len(model.h_channels)
+
+
+def test_fusers_off_config_never_enables_fusers(inputs):
+    torch.manual_seed(0)
+    cfg = tiny().replace(fusers=False)
+    m = InstanceUNet(cfg).eval()
+    _randomise_instance_params(m)
+    m.set_gate(1)
+    assert not any(f.enabled for f in m.fusers)
+    with pytest.raises(ValueError):
+        m.set_gate(0.5)
+
+
+def test_fourier_layout_is_freq_major_sin_then_cos():
+    emb = FourierEmbedder(16, 100.0)
+    v = torch.tensor([[0.1, 0.7, 0.3]])
+    out = emb(v)[0]
+    assert out.shape == (2 * 16 * 3,)
+    for k in range(16):
+        f = 100 ** (k / 16)
+        torch.testing.assert_close(out[6 * k: 6 * k + 3], torch.sin(f * v[0]))
+        torch.testing.assert_close(out[6 * k + 3: 6 * k + 6], torch.cos(f * v[0]))
+
+
+def test_seg_tokens_are_a_raw_reshape():
+    """Token j, feature f of ConvNeXt element (c, h, w): j = (h mod 4) * 16 + w, f = 4c + h // 4 (full size)."""
+    cfg = sd15().unifusion
+    feat = torch.randn(1, 768, 16, 16)
+    tokens = feat.reshape(1, -1, cfg.n_seg_tokens).permute(0, 2, 1)
+    c, h, w = 5, 9, 3
+    assert tokens[0, (h % 4) * 16 + w, 4 * c + h // 4] == feat[0, c, h, w]
+    pn = UniFusion(tiny().unifusion)
+    segs = torch.zeros(1, 30, 128, 128)
+    segs[0, 0, 10:40, 20:90] = 1
+    direct = pn.convnext_tiny_backbone(pn.in_conv(segs))
+    torch.testing.assert_close(pn.seg_features(segs)[0, 7, 3], direct.reshape(1, -1, 64)[0, 3, 7])
+
+
+def test_seg_presence_is_per_sample_and_drop_uses_null():
+    torch.manual_seed(0)
+    pn = UniFusion(tiny().unifusion).eval()
+    with torch.no_grad():
+        pn.null_seg_feature.normal_()
+    g = pn.null_grounding(2, seg_size=32)
+    g["segs"][0, 3, 5:9, 5:9] = 1  # slot 3 is padding (mask 0): presence is still decided per sample
+    keep = pn.tokenize(**{k: g[k] for k in g}, drop=DropFlags.preset("all"))
+    dropped = pn.tokenize(**{k: g[k] for k in g}, drop=DropFlags.preset("box"))
+    seg = slice(120, 184)
+    assert (keep[0, seg] - keep[1, seg]).abs().max() > 1e-4
+    torch.testing.assert_close(dropped[0, seg], dropped[1, seg])
+
+
+def test_everything_dropped_keeps_boxes():
+    torch.manual_seed(0)
+    pn = UniFusion(tiny().unifusion).eval()
+    g = pn.null_grounding(1, seg_size=8)
+    g["masks"][0, 0] = 1
+    g["boxes"][0, 0] = torch.tensor([0.1, 0.1, 0.4, 0.4])
+    everything = DropFlags(True, True, True, True)
+    a = pn.tokenize(**g, drop=everything)
+    b = pn.tokenize(**g, drop=DropFlags(False, True, True, True))
+    torch.testing.assert_close(a, b)
+
+
+def test_fourier_filter_matches_definition():
+    x = torch.randn(2, 3, 8, 8)  # the filter computes in float32, like the official code
+    torch.testing.assert_close(fourier_filter(x, 1, 1.0), x, atol=1e-6, rtol=1e-6)
+    y = fourier_filter(x, 1, torch.tensor([0.5]))
+    F = torch.fft.fftshift(torch.fft.fftn(x, dim=(-2, -1)), dim=(-2, -1))
+    F[..., 3:5, 3:5] *= 0.5  # the 2x2 block [H/2-1, H/2+1) after fftshift, DC included
+    ref = torch.fft.ifftn(torch.fft.ifftshift(F, dim=(-2, -1)), dim=(-2, -1)).real
+    torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-6)
+    assert abs(y.mean() - 0.5 * x.mean()) < 1e-6  # DC is scaled
+
+
+def test_h_channels_match_official_scaleu_sizes():
+    assert decoder_h_channels((32, 32, 64), 2) == [64] * 4 + [32] * 5
+
+
+def test_config_round_trip(tmp_path):
+    cfg = tiny().replace(skip_mode="freeu", drop=DropFlags.preset("point"))
+    cfg.save(tmp_path / "c.json")
+    back = get_config(tmp_path / "c.json")
+    assert back == cfg
+    with pytest.raises(ValueError, match="skip_mode"):
+        ModelConfig(skip_mode="nope")
+    with pytest.raises(FileNotFoundError, match="preset"):
+        get_config("no-such-preset")

@@ -1,0 +1,147 @@
+"""Sampler behaviour: PLMS == diffusers PNDM, MIS identities, batched == official order, seeds, tokens once."""
+
+import pytest
+import torch
+from diffusers import PNDMScheduler
+
+from instdiff_lib.config import DropFlags, tiny
+from instdiff_lib.model import InstanceUNet
+from instdiff_lib.sampler import Branch, Sampler, SamplerStats, Schedule, gate_schedule
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = InstanceUNet(tiny()).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith(("alpha_attn", "alpha_dense")):
+                p.fill_(0.8)
+            elif "scaleu" in name:
+                p.normal_(0, 0.3)
+    return m
+
+
+def _branch(model, B, box, seed):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.cfg
+    gr = model.position_net.null_grounding(B, seg_size=16)
+    gr["masks"][:, 0] = 1
+    gr["boxes"][:, 0] = torch.tensor(box)
+    gr["points"][:, 0] = torch.tensor([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
+    gr["positive_embeddings"][:, 0] = torch.randn(cfg.unifusion.in_dim, generator=g)
+    return Branch(torch.randn(1, 77, cfg.unet.context_dim, generator=g).expand(B, -1, -1), gr)
+
+
+@pytest.fixture(scope="module")
+def setup(model):
+    B = 2
+    full = _branch(model, B, [0.1, 0.1, 0.6, 0.7], 1)
+    full.grounding["masks"][:, 1] = 1
+    full.grounding["boxes"][:, 1] = torch.tensor([0.5, 0.4, 0.9, 0.9])
+    insts = [_branch(model, B, [0.1, 0.1, 0.6, 0.7], 2), _branch(model, B, [0.5, 0.4, 0.9, 0.9], 3)]
+    uc = torch.randn(1, 77, model.cfg.unet.context_dim, generator=torch.Generator().manual_seed(9)).expand(B, -1, -1)
+    x_T = torch.randn(B, 4, 32, 32, generator=torch.Generator().manual_seed(4))
+    return full, insts, uc, x_T
+
+
+def run(model, setup, **kw):
+    full, insts, uc, x_T = setup
+    kw.setdefault("progress", False)
+    return Sampler(model).sample(x_T, [full, *insts], uc, **kw)
+
+
+def test_gate_schedule_counts_plms_steps():
+    assert sum(gate_schedule(50, 0.75)) == 37 and sum(gate_schedule(50, 0.8)) == 40
+    assert gate_schedule(8, 0.75) == [1, 1, 1, 1, 1, 1, 0, 0]
+    assert sum(gate_schedule(50, 1.0)) == 50 and sum(gate_schedule(50, 0.0)) == 0
+
+
+def test_schedule_is_ldm_uniform():
+    s = Schedule.make(50)
+    assert s.timesteps[0] == 1 and s.timesteps[-1] == 981 and len(s) == 50
+
+
+def test_plms_equals_diffusers_pndm_skip_prk(model, setup):
+    """Our PLMS (official update rules) vs diffusers' PNDMScheduler(skip_prk_steps) driving the same guided model."""
+    full, _, uc, x_T = setup
+    steps, g = 6, 7.5
+    ours = run(model, setup, steps=steps, guidance=g, alpha=1.0, mis=0.0)
+    sched = PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+    sched.set_timesteps(steps)
+    objs = model.tokenize(full.grounding)
+    null = model.tokenize(model.position_net.null_grounding(2, seg_size=1))
+    x = x_T.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            tt = torch.full((2,), int(t))
+            e_c = model(x, tt, full.context, objs, 1)
+            e_u = model(x, tt, uc, null, 1)
+            x = sched.step(e_u + g * (e_c - e_u), t, x).prev_sample
+    torch.testing.assert_close(ours, x, atol=1e-4 * x.abs().max().item(), rtol=0)
+
+
+def test_mis_zero_is_plain_sampler(model, setup):
+    full, insts, uc, x_T = setup
+    a = run(model, setup, steps=5, mis=0.0)
+    b = Sampler(model).sample(x_T, [full], uc, steps=5, mis=0.0, progress=False)
+    c = Sampler(model).sample(x_T, [full], uc, steps=5, mis=0.36, progress=False)  # no instance branches
+    assert torch.equal(a, b) and torch.equal(a, c)
+    d = run(model, setup, steps=5, mis=0.4)
+    assert (d - a).abs().max() > 1e-3  # MIS does change the result
+
+
+def test_batched_equals_official_order(model, setup):
+    stats_b, stats_r = SamplerStats(), SamplerStats()
+    a = run(model, setup, steps=5, mis=0.4, batched=True, stats=stats_b)
+    b = run(model, setup, steps=5, mis=0.4, batched=False, stats=stats_r)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+    assert stats_b.unet_calls == stats_r.unet_calls  # same work, official accounting: (n+1)(2M+2) + 2(T-M)
+    assert stats_b.unet_calls == 3 * (2 * 2 + 2) + 2 * (5 - 2)
+    assert stats_b.tokenizations == 3 + 1  # once per branch + the null grounding, not per step
+    assert stats_r.tokenizations == stats_r.unet_calls
+    assert stats_b.unet_batches < stats_r.unet_batches
+
+
+def test_chunking_does_not_change_results(model, setup):
+    a = run(model, setup, steps=4, mis=0.5)
+    b = run(model, setup, steps=4, mis=0.5, max_batch=3)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)  # only float reassociation across batch sizes
+
+
+def test_mis_average_and_branch0_history(model, setup):
+    """After the MIS steps the latent is the uniform mean of the branch latents."""
+    stats = SamplerStats()
+    run(model, setup, steps=6, mis=0.5, trace=True, stats=stats)
+    merged_in = stats.trace[3]["x_in"][0]
+    before = stats.trace[2]["x_out"]
+    assert before.shape[0] == 3
+    torch.testing.assert_close(merged_in, before.mean(0))
+    assert stats.trace[3]["n_old_eps"] == 3  # branch 0's history continues
+
+
+def test_alpha_zero_equals_fusers_off(model, setup):
+    a = run(model, setup, steps=4, mis=0.0, alpha=0.0)
+    model.cfg.fusers = False
+    try:
+        b = run(model, setup, steps=4, mis=0.0, alpha=1.0)
+    finally:
+        model.cfg.fusers = True
+    assert torch.equal(a, b)
+    c = run(model, setup, steps=4, mis=0.0, alpha=1.0)
+    assert (c - a).abs().max() > 1e-3
+
+
+def test_ddim_option(model, setup):
+    a = run(model, setup, steps=4, mis=0.0, method="ddim")
+    b = run(model, setup, steps=4, mis=0.0, method="plms")
+    assert torch.isfinite(a).all() and (a - b).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="method"):
+        run(model, setup, steps=4, method="euler")
+
+
+def test_drop_flags_reach_the_tokens(model, setup):
+    a = run(model, setup, steps=3, mis=0.0, drop=DropFlags.preset("mask"))
+    b = run(model, setup, steps=3, mis=0.0, drop=DropFlags.preset("point"))
+    assert (a - b).abs().max() > 1e-4
