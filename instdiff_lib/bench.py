@@ -1,0 +1,97 @@
+"""``instdiff bench``: the batched sampler against the official call order, in one process.
+
+Both paths sample the same layout from the same noise with random weights of a given config:
+
+* ``official-order``: every MIS branch and both guidance halves as separate UNet calls, instance tokens
+  recomputed at every call (what the official ``PLMSSamplerInst`` does);
+* ``batched``: tokens once per run and branch, all branches x both halves in one UNet batch per step.
+
+It prints the speed-up ratio, UNet calls per second, peak memory and the largest difference between the
+two results (they compute the same thing). Speed targets are read from this output, never from timed tests.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import time
+
+import numpy as np
+import torch
+
+from .checkpoint import build_components
+from .config import get_config
+from .layout import Instance, Layout
+from .pipeline import InstanceDiffusionPipeline
+from .sampler import SamplerStats
+
+
+def synthetic_layout(n: int, size: int = 512, seed: int = 0) -> Layout:
+    """n instances on a grid, each with a box and an elliptical mask (so every token branch runs)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    side = int(np.ceil(np.sqrt(max(n, 1))))
+    cell = size / side
+    insts = []
+    for i in range(n):
+        cx, cy = (i % side + 0.5) * cell, (i // side + 0.5) * cell
+        rx, ry = cell * rng.uniform(0.2, 0.45), cell * rng.uniform(0.2, 0.45)
+        mask = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
+        insts.append(Instance(caption=f"object {i}", mask=mask))
+    return Layout(caption="a synthetic scene", width=size, height=size, instances=insts)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(pipe, layout, device, **kw) -> dict:
+    stats = SamplerStats()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    branches, uc = pipe.prepare(layout, seed=0, num_images=kw["num_images"], negative_prompt="", mis=kw["mis"])
+    x_T = pipe.noise(0, kw["num_images"])
+    _sync(device)
+    t0 = time.perf_counter()
+    latents = pipe.sampler.sample(x_T, branches, uc, steps=kw["steps"], mis=kw["mis"], batched=kw["batched"],
+                                  max_batch=kw["max_batch"], progress=False, stats=stats)
+    _sync(device)
+    secs = time.perf_counter() - t0
+    out = {"seconds": round(secs, 3), "unet_calls": stats.unet_calls, "unet_forward_passes": stats.unet_batches,
+           "tokenizations": stats.tokenizations, "unet_calls_per_s": round(stats.unet_calls / secs, 2)}
+    if device.type == "cuda":
+        out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return {**out, "_latents": latents}
+
+
+def run_bench(config: str = "tiny", steps: int = 10, n_instances: int = 4, mis: float = 0.36, num_images: int = 1,
+              device: str = "cpu", dtype: torch.dtype = torch.float32, max_batch: int | None = None,
+              repeats: int = 1) -> dict:
+    cfg = get_config(config)
+    comp = build_components(cfg, seed=0)
+    with torch.no_grad():  # non-zero gates so that the fusers do real work
+        for name, p in comp.unet.named_parameters():
+            if name.endswith(("alpha_attn", "alpha_dense")):
+                p.fill_(0.5)
+    pipe = InstanceDiffusionPipeline(comp, device=device, dtype=dtype)
+    dev = torch.device(device)
+    layout = synthetic_layout(n_instances)
+    kw = dict(steps=steps, mis=mis, num_images=num_images, max_batch=max_batch)
+    _timed(pipe, layout, dev, batched=True, **{**kw, "steps": 2})  # warm-up (allocator, kernels)
+    results = {}
+    for name, batched in (("official-order", False), ("batched", True)):
+        runs = [_timed(pipe, layout, dev, batched=batched, **kw) for _ in range(repeats)]
+        best = min(runs, key=lambda r: r["seconds"])
+        results[name] = best
+    diff = (results["batched"].pop("_latents").float() - results["official-order"].pop("_latents").float()).abs().max()
+    ref_s, fast_s = results["official-order"]["seconds"], results["batched"]["seconds"]
+    return {
+        "config": cfg.name, "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
+        else platform.processor() or platform.machine(), "dtype": str(dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(), "steps": steps, "instances": n_instances, "mis": mis,
+        "num_images": num_images, "max_batch": max_batch, "unet_params": comp.unet.n_params(),
+        **results, "speedup": round(ref_s / fast_s, 2),
+        "max_abs_diff_batched_vs_official_order": float(diff),
+        "process_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+    }
