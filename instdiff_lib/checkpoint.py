@@ -311,7 +311,7 @@ def load_official(path: str | Path, cfg: ModelConfig | None = None, sha256: str 
                load_strict(vae, vae_sd, "vae", f"{name}[autoencoder]",
                            names={v: k for k, v in vae_key_table(cfg.vae)[0].items()}),
                load_strict(text.model, text_sd, "text_encoder", f"{name}[text_encoder]",
-                           names={k: "transformer.text_model." + k for k in text_sd})]
+                           names={k: "transformer.text_model." + k for k in {*text_sd, *text.model.state_dict()}})]
     return Components(cfg, unet, vae, text, f"official {name} [{entry}]", reports).eval()
 
 

@@ -78,6 +78,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_parity(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import parity
+
+    d = Path(args.fixture) if args.fixture else parity.parity_dir()
+    parity.verify_fixture(d)
+    dtype = _dtype(args.dtype)
+    if dtype == torch.float32 and not args.tf32:  # TF32 convolutions/matmuls are not fp32 arithmetic
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    unet = parity.load_parity_unet(d, device=_device(args.device), dtype=dtype)
+    checks = parity.forward_checks(unet, d) + parity.sampler_checks(unet, d)
+    if dtype == torch.float32:
+        checks += parity.block_checks(unet, d)
+    for c in checks:
+        print(c)
+    n_bad = sum(not c.ok for c in checks)
+    print(f"{len(checks) - n_bad}/{len(checks)} within the fixture's fp32 tolerances "
+          f"(device {args.device}, {args.dtype}{'; half precision is not expected to meet them' if n_bad and dtype != torch.float32 else ''})")
+    return 1 if n_bad and dtype == torch.float32 else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="instdiff", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -128,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-batch", type=int, default=None)
     b.add_argument("--repeats", type=int, default=1)
     b.set_defaults(func=cmd_bench)
+    q = sub.add_parser("parity", help="compare with the official implementation's golden tensors (shared/parity)")
+    q.add_argument("--fixture", default=None, help="fixture folder (default: $INSTDIFF_PARITY_DIR or ../shared/parity)")
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    q.add_argument("--tf32", action="store_true", help="allow TF32 on CUDA in fp32 (off by default here)")
+    q.set_defaults(func=cmd_parity)
     return p
 
 

@@ -69,21 +69,31 @@ def verify_fixture(d: Path) -> None:
             raise FixtureError(f"parity fixture file {name} does not match SHA256SUMS")
 
 
-def load_parity_unet(d: Path | None = None) -> InstanceUNet:
-    """The fixture's tiny UNet through the official-checkpoint converter, loaded strictly."""
+def load_parity_unet(d: Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32) -> InstanceUNet:
+    """The fixture's tiny UNet through the official-checkpoint converter, loaded strictly.
+
+    On another device/dtype (GPU fp16/bf16 checks) the position net stays fp32, as in the pipeline."""
     d = d or parity_dir()
     cfg = parity_tiny()
     unet = InstanceUNet(cfg).eval()
     layout = UNetLayout.from_ldm(cfg.unet.channel_mult, cfg.unet.num_res_blocks, cfg.unet.attention_resolutions)
     sd = convert_unet_state_dict(load_file(str(d / "unet_tiny.safetensors")), layout)
     unet.unet.load_state_dict(sd, strict=True)
+    unet.to(device, dtype)
+    unet.position_net.float()
     return unet
+
+
+def _load(path: Path, unet: InstanceUNet) -> dict[str, torch.Tensor]:
+    """Fixture tensors on the model's device; floating inputs in the model's dtype."""
+    p = next(unet.unet.conv_in.parameters())
+    return {k: v.to(p.device, p.dtype if v.is_floating_point() else v.dtype) for k, v in load_file(str(path)).items()}
 
 
 def _check(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float) -> Check:
     if got.shape != ref.shape:
         raise AssertionError(f"{name}: shape {tuple(got.shape)} vs reference {tuple(ref.shape)}")
-    return Check(name, (got.float() - ref.float()).abs().max().item(), tol, ref.abs().max().item())
+    return Check(name, (got.float().cpu() - ref.float()).abs().max().item(), tol, ref.abs().max().item())
 
 
 def _grounding(inputs: dict, prefix: str) -> dict[str, torch.Tensor]:
@@ -115,26 +125,28 @@ def block_modules(unet: InstanceUNet) -> dict[str, torch.nn.Module]:
 
 @torch.no_grad()
 def forward_checks(unet: InstanceUNet, d: Path) -> list[Check]:
-    inp, out = load_file(str(d / "inputs.safetensors")), load_file(str(d / "outputs.safetensors"))
+    inp, out = _load(d / "inputs.safetensors", unet), load_file(str(d / "outputs.safetensors"))
     g = _grounding(inp, "grounding.")
+    dtype = inp["x"].dtype
     checks = []
     for name, preset in VARIANTS.items():
-        objs = unet.tokenize(g, DropFlags.preset(preset))
+        objs = unet.tokenize(g, DropFlags.preset(preset)).to(dtype)
         checks.append(_check(f"objs.{name}", objs, out[f"objs.{name}"], TOLERANCES["objs"]))
         eps = unet(inp["x"], inp["timesteps"], inp["context"], objs)
         checks.append(_check(f"eps.{name}", eps, out[f"eps.{name}"], TOLERANCES["eps"]))
-    null_objs = unet.tokenize(unet.position_net.null_grounding(2), DropFlags.preset("mask"))
+    null_objs = unet.tokenize(unet.position_net.null_grounding(2, device=inp["x"].device),
+                              DropFlags.preset("mask")).to(dtype)
     checks.append(_check("objs.null_grounding", null_objs, out["objs.null_grounding"], TOLERANCES["objs"]))
     eps = unet(inp["x"], inp["timesteps"], inp["context"], null_objs)
     checks.append(_check("eps.null_grounding", eps, out["eps.null_grounding"], TOLERANCES["eps"]))
-    eps = unet(inp["x"], inp["timesteps"], inp["context"], unet.tokenize(g, DropFlags.preset("all")), gate=0)
+    eps = unet(inp["x"], inp["timesteps"], inp["context"], unet.tokenize(g, DropFlags.preset("all")).to(dtype), gate=0)
     checks.append(_check("eps.all_gate_scale0", eps, out["eps.all_gate_scale0"], TOLERANCES["eps"]))
     return checks
 
 
 @torch.no_grad()
 def block_checks(unet: InstanceUNet, d: Path) -> list[Check]:
-    inp, ref = load_file(str(d / "inputs.safetensors")), load_file(str(d / "debug_blocks_b0.safetensors"))
+    inp, ref = _load(d / "inputs.safetensors", unet), load_file(str(d / "debug_blocks_b0.safetensors"))
     captured: dict[str, torch.Tensor] = {}
     handles = []
     for name, module in block_modules(unet).items():
@@ -155,7 +167,7 @@ def block_checks(unet: InstanceUNet, d: Path) -> list[Check]:
 
 @torch.no_grad()
 def sampler_checks(unet: InstanceUNet, d: Path, batched: bool = True) -> list[Check]:
-    inp, ref = load_file(str(d / "inputs.safetensors")), load_file(str(d / "sampler.safetensors"))
+    inp, ref = _load(d / "inputs.safetensors", unet), load_file(str(d / "sampler.safetensors"))
     full = Branch(inp["sampler.context.full"], _grounding(inp, "sampler.grounding.full."))
     insts = [Branch(inp[f"sampler.context.inst{i}"], _grounding(inp, f"sampler.grounding.inst{i}.")) for i in range(3)]
     steps = len(ref["plms.ddim_timesteps"])
