@@ -96,3 +96,11 @@ def test_generate_is_resumable_and_atomic(tmp_path, pipe):
     generate_from_layout("layouts/points_garden.json", tmp_path, steps=2, mis=0.0, pipe=pipe, drop="point")
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())  # skipped: nothing regenerated
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_refine_without_weights_fails_clearly(tmp_path, pipe):
+    from instdiff_lib.checkpoint import CheckpointError
+    from instdiff_lib.generate import generate_from_layout
+
+    with pytest.raises(CheckpointError, match="SDXL refiner"):
+        generate_from_layout("layouts/boxes_kitchen_animals.json", tmp_path, steps=1, mis=0.0, pipe=pipe, refine=0.3)
