@@ -101,6 +101,40 @@ def cmd_parity(args: argparse.Namespace) -> int:
     return 1 if n_bad and dtype == torch.float32 else 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command == "coco":
+        from .coco import download_coco
+
+        for part, path in download_coco(args.root, parts=tuple(args.parts)).items():
+            print(f"{part}: {path}")
+    elif args.data_command == "resize-512":
+        from .coco import resize_instances
+
+        resize_instances(args.src, args.dst, size=args.size)
+        print(f"wrote {args.dst} ({args.size}x{args.size} frames)")
+    elif args.data_command == "shapes":
+        from .shapes import make_shapes_dataset
+
+        split = make_shapes_dataset(args.out, args.n, args.seed, size=args.size, split=args.split)
+        print(f"{split.n_images} images in {split.image_dir}; annotations {split.instances_json}")
+    return 0
+
+
+def cmd_eval_generate(args: argparse.Namespace) -> int:
+    from .coco import protocol_items
+    from .evalgen import SETTINGS, generate_eval, parse_shard
+    from .pipeline import InstanceDiffusionPipeline
+
+    shard = parse_shard(args.shard)
+    items = protocol_items(args.instances, args.captions, attribute=SETTINGS[args.setting]["attribute"])
+    if args.limit:
+        items = items[: args.limit]
+    pipe = InstanceDiffusionPipeline.from_pretrained(args.model, device=_device(args.device), dtype=_dtype(args.dtype))
+    generate_eval(items, args.out, pipe, args.setting, shard=shard, base_seed=args.seed, image_format=args.format,
+                  quality=args.quality, steps=args.steps, guidance=args.guidance, alpha=args.alpha, mis=args.mis)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="instdiff", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -151,6 +185,44 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-batch", type=int, default=None)
     b.add_argument("--repeats", type=int, default=1)
     b.set_defaults(func=cmd_bench)
+    da = sub.add_parser("data", help="datasets: COCO val2017, its 512x512 resized instances, the Shapes world")
+    dsub = da.add_subparsers(dest="data_command", required=True)
+    dc = dsub.add_parser("coco", help="download COCO val2017 images and annotations (fails fast offline)")
+    dc.add_argument("--root", required=True)
+    dc.add_argument("--parts", nargs="+", default=["val2017", "annotations"])
+    dr = dsub.add_parser("resize-512", help="derive the protocol's 512x512 instances file from the original")
+    dr.add_argument("src")
+    dr.add_argument("dst")
+    dr.add_argument("--size", type=int, default=512)
+    dsh = dsub.add_parser("shapes", help="write the procedural Shapes world (COCO format)")
+    dsh.add_argument("--out", required=True)
+    dsh.add_argument("--n", type=int, default=200)
+    dsh.add_argument("--seed", type=int, default=0)
+    dsh.add_argument("--size", type=int, default=64)
+    dsh.add_argument("--split", default="val")
+    da.set_defaults(func=cmd_data)
+
+    ev = sub.add_parser("eval", help="the paper's evaluation protocol: generate, then score")
+    esub = ev.add_subparsers(dest="eval_command", required=True)
+    eg = esub.add_parser("generate", help="generate one setting's images for a shard of the dataset")
+    eg.add_argument("--setting", required=True, choices=["box", "mask", "point", "scribble", "color", "texture"])
+    eg.add_argument("--shard", default="0/1", help="I/N: this job's share (union of shards = one run)")
+    eg.add_argument("--instances", required=True, help="instances json (512x512 resized for COCO)")
+    eg.add_argument("--captions", default=None, help="captions json (the protocol uses the first caption)")
+    eg.add_argument("--out", required=True)
+    eg.add_argument("--model", default="tiny")
+    eg.add_argument("--seed", type=int, default=0, help="base seed; image seed = f(base seed, image id)")
+    eg.add_argument("--steps", type=int, default=None)
+    eg.add_argument("--guidance", type=float, default=None)
+    eg.add_argument("--alpha", type=float, default=None)
+    eg.add_argument("--mis", type=float, default=None)
+    eg.add_argument("--format", default="jpg", choices=["jpg", "png"])
+    eg.add_argument("--quality", type=int, default=75, help="JPEG quality (official: PIL default 75)")
+    eg.add_argument("--limit", type=int, default=None, help="only the first N images (smoke runs)")
+    eg.add_argument("--device", default="auto")
+    eg.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    eg.set_defaults(func=cmd_eval_generate)
+
     q = sub.add_parser("parity", help="compare with the official implementation's golden tensors (shared/parity)")
     q.add_argument("--fixture", default=None, help="fixture folder (default: $INSTDIFF_PARITY_DIR or ../shared/parity)")
     q.add_argument("--device", default="cpu")
@@ -168,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (CheckpointError, LayoutError, PromptTooLongError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, LayoutError, PromptTooLongError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
