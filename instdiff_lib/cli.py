@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -135,6 +136,52 @@ def cmd_eval_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .planner import LLMPlanner, OfflinePlanner, plan_many
+
+    common = dict(width=args.canvas, height=args.canvas, n_instances=_instance_range(args.instances), seed=args.seed)
+    if args.offline:
+        planner = OfflinePlanner(**common)
+    else:
+        planner = LLMPlanner(args.llm_model, base_url=args.base_url, max_retries=args.max_retries,
+                             temperature=args.temperature, **common)
+    report = plan_many(args.prompt, planner, args.out, n_per_prompt=args.n)
+    print(json.dumps({k: v for k, v in report.items() if k in ("planner", "n_layouts", "n_failed", "totals")}, indent=2,
+                     default=str))
+    return 0
+
+
+def _instance_range(text: str):
+    lo, _, hi = text.partition("-")
+    return (int(lo), int(hi)) if hi else int(lo)
+
+
+def cmd_eval_score(args: argparse.Namespace) -> int:
+    from .evaluate import score_setting, summary_lines
+    from .results import write_results
+
+    clip = None
+    if args.setting in ("color", "texture"):
+        from .metrics.clip_metrics import load_clip
+
+        clip = load_clip(args.clip_model, args.clip_pretrained, device=_device(args.device))
+    t0 = time.perf_counter()
+    result = score_setting(args.setting, instances_json=args.instances, captions_json=args.captions,
+                           images_dir=args.images, real_image_dir=args.real_images, yolo=args.yolo, clip=clip,
+                           fid_real_dir=args.fid_real, device=_device(args.device), batch=args.batch,
+                           seed=args.seed, limit=args.limit)
+    for line in summary_lines(result):
+        print(line)
+    if args.out:
+        params = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+        write_results(args.out, result["metrics"], params=params, n_evaluated=result["n_images"],
+                      profile=args.profile, wall_time_s=round(time.perf_counter() - t0, 2),
+                      extra={"source": result["source"], "timing_s": result["timing_s"],
+                             "images_per_s": result["images_per_s"]})
+        print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="instdiff", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -222,6 +269,41 @@ def build_parser() -> argparse.ArgumentParser:
     eg.add_argument("--device", default="auto")
     eg.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     eg.set_defaults(func=cmd_eval_generate)
+
+    pl = sub.add_parser("plan", help="prompt -> layout JSONs through an OpenAI-compatible LLM (or --offline)")
+    pl.add_argument("prompt")
+    pl.add_argument("--n", type=int, default=10, help="layouts to plan for the prompt")
+    pl.add_argument("--out", required=True)
+    pl.add_argument("--instances", default="3-8", help="instances per layout: N or MIN-MAX")
+    pl.add_argument("--canvas", type=int, default=512)
+    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--llm-model", default=None, help="default: $INSTDIFF_LLM_MODEL")
+    pl.add_argument("--base-url", default=None, help="default: $INSTDIFF_LLM_BASE_URL (OpenAI, vLLM, Ollama, ...)")
+    pl.add_argument("--temperature", type=float, default=0.7)
+    pl.add_argument("--max-retries", type=int, default=4)
+    pl.add_argument("--offline", action="store_true", help="deterministic template planner (labelled as such)")
+    pl.set_defaults(func=cmd_plan)
+
+    es = esub.add_parser("score", help="score one setting's images (guards first); prints throughput")
+    es.add_argument("--setting", required=True,
+                    choices=["box", "mask", "point", "scribble", "color", "texture", "real"])
+    es.add_argument("--images", default=None, help="generated folder with its manifest (not for --setting real)")
+    es.add_argument("--instances", required=True, help="ground-truth instances json (512x512 resized for COCO)")
+    es.add_argument("--captions", default=None)
+    es.add_argument("--real-images", default=None, help="the dataset's real images: the guard compares against them; "
+                                                         "the 'real' control scores them")
+    es.add_argument("--yolo", default="yolov8m-seg.pt", help="local YOLO weights (.pt) or a .yaml config")
+    es.add_argument("--clip-model", default="ViT-L-14")
+    es.add_argument("--clip-pretrained", default="laion2b_s32b_b82k", help="open_clip tag or a local checkpoint")
+    es.add_argument("--fid-real", default=None, help="real image folder for FID (optional)")
+    es.add_argument("--batch", type=int, default=16)
+    es.add_argument("--seed", type=int, default=0, help="seed of the scribble-PiM pixel sampling")
+    es.add_argument("--limit", type=int, default=None)
+    es.add_argument("--device", default="auto")
+    es.add_argument("--out", default=None, help="write a results json with provenance")
+    es.add_argument("--profile", choices=["smoke", "full"], default="smoke",
+                    help="'full' only for complete protocol runs; smoke numbers never enter paper tables")
+    es.set_defaults(func=cmd_eval_score)
 
     q = sub.add_parser("parity", help="compare with the official implementation's golden tensors (shared/parity)")
     q.add_argument("--fixture", default=None, help="fixture folder (default: $INSTDIFF_PARITY_DIR or ../shared/parity)")

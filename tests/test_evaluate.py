@@ -1,0 +1,106 @@
+"""The scoring front door: files from the manifest only, real copies refused, the real-image control by the same code."""
+
+import hashlib
+import json
+import shutil
+
+import pytest
+
+from instdiff_lib.evalgen import generate_eval
+from instdiff_lib.evaluate import score_setting
+from instdiff_lib.metrics.guards import GuardError
+from instdiff_lib.shapes import make_shapes_dataset
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), 4, seed=3, size=64)
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory, shapes):
+    from instdiff_lib.checkpoint import build_components
+    from instdiff_lib.coco import protocol_items
+    from instdiff_lib.pipeline import InstanceDiffusionPipeline
+
+    out = tmp_path_factory.mktemp("gen")
+    items = protocol_items(shapes.instances_json, shapes.captions_json)
+    generate_eval(items, out, InstanceDiffusionPipeline(build_components("tiny")), "box", steps=1, mis=0.0,
+                  image_format="png", progress=False)
+    return out
+
+
+def _fake_generation_from_real(shapes, generated, dst):
+    """A folder whose manifest is valid but whose 'generated' images are the real photos."""
+    shutil.copytree(generated, dst)
+    rows = [json.loads(line) for line in (dst / "manifest-000-of-001.jsonl").read_text().splitlines()]
+    for r in rows:
+        shutil.copy(shapes.image_dir / r["file"], dst / r["file"])
+        r["sha256"] = hashlib.sha256((dst / r["file"]).read_bytes()).hexdigest()
+    (dst / "manifest-000-of-001.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_generated_images_score_through_the_whole_ap_path(shapes, generated):
+    r = score_setting("box", instances_json=shapes.instances_json, images_dir=generated,
+                      real_image_dir=shapes.image_dir, yolo="yolov8n-seg.yaml", progress=False)
+    assert r["n_images"] == 4 and r["source"].startswith("generated (checked")
+    assert r["metrics"]["box"]["n_evaluated"] == 4 and "AP50" in r["metrics"]["box"]["values"]
+    assert set(r["timing_s"]) >= {"detector", "scoring"}
+
+
+def test_real_copies_are_refused(shapes, generated, tmp_path):
+    _fake_generation_from_real(shapes, generated, tmp_path / "fake")
+    with pytest.raises(GuardError, match="copies of real images"):
+        score_setting("box", instances_json=shapes.instances_json, images_dir=tmp_path / "fake",
+                      real_image_dir=shapes.image_dir, yolo="yolov8n-seg.yaml", progress=False)
+
+
+def test_files_outside_the_manifest_are_refused(shapes, generated, tmp_path):
+    shutil.copytree(generated, tmp_path / "g")
+    shutil.copy(shapes.image_dir / "000000000001.png", tmp_path / "g" / "stray.png")
+    with pytest.raises(GuardError):
+        score_setting("box", instances_json=shapes.instances_json, images_dir=tmp_path / "g",
+                      yolo="yolov8n-seg.yaml", progress=False)
+
+
+def test_real_control_and_setting_mismatch(shapes, generated):
+    r = score_setting("real", instances_json=shapes.instances_json, real_image_dir=shapes.image_dir,
+                      yolo="yolov8n-seg.yaml", progress=False)
+    assert r["source"].startswith("real images") and r["n_images"] == 4
+    with pytest.raises(ValueError, match="not 'point'"):
+        score_setting("point", instances_json=shapes.instances_json, images_dir=generated, yolo="yolov8n-seg.yaml",
+                      progress=False)
+
+
+def test_attribute_setting_uses_clip_on_gt_crops(shapes, generated, tmp_path):
+    from instdiff_lib.metrics.clip_metrics import tiny_clip
+
+    from instdiff_lib.coco import protocol_items
+    from instdiff_lib.checkpoint import build_components
+    from instdiff_lib.pipeline import InstanceDiffusionPipeline
+
+    items = protocol_items(shapes.instances_json, shapes.captions_json, attribute="color")
+    generate_eval(items[:2], tmp_path, InstanceDiffusionPipeline(build_components("tiny")), "color", steps=1,
+                  mis=0.0, image_format="png", progress=False)
+    r = score_setting("color", instances_json=shapes.instances_json, captions_json=shapes.captions_json,
+                      images_dir=tmp_path, clip=tiny_clip(), progress=False)
+    att = r["metrics"]["attribute"]
+    assert 0.0 <= att["values"]["acc"] <= 1.0 and att["n_evaluated"] > 0
+
+
+def test_real_control_is_scored_in_the_gt_frame(shapes, tmp_path):
+    """Real photos of another size (the original COCO files vs the 512 GT) are resized into the GT frame."""
+    from PIL import Image
+
+    from instdiff_lib.coco import protocol_items
+    from instdiff_lib.evaluate import real_in_gt_frame
+
+    items = {it.image_id: it for it in protocol_items(shapes.instances_json, None)}
+    big = tmp_path / "orig"
+    big.mkdir()
+    for it in items.values():
+        Image.open(shapes.image_dir / it.file_name).resize((96, 80)).save(big / it.file_name)
+    files = real_in_gt_frame([(i, big / it.file_name) for i, it in items.items()], items, cache=tmp_path / "c")
+    assert all(Image.open(p).size == (64, 64) for _, p in files)
+    same = real_in_gt_frame([(i, shapes.image_dir / it.file_name) for i, it in items.items()], items, cache=tmp_path / "c")
+    assert [p for _, p in same] == [shapes.image_dir / it.file_name for it in items.values()]
