@@ -15,6 +15,7 @@ from __future__ import annotations
 import platform
 import resource
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -95,3 +96,79 @@ def run_bench(config: str = "tiny", steps: int = 10, n_instances: int = 4, mis: 
         "max_abs_diff_batched_vs_official_order": float(diff),
         "process_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
     }
+
+
+# ---- scoring speed ---------------------------------------------------------------------------------------
+def _synthetic_scoring_set(n_images: int, n_gt: int, n_pred: int, size: int, seed: int):
+    """A COCO GT dict and detector-like results (jittered GT masks + random false positives), all RLE."""
+    from pycocotools import mask as mask_utils
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+
+    def ellipse():
+        cx, cy = rng.uniform(0.1, 0.9, 2) * size
+        rx, ry = rng.uniform(0.04, 0.2, 2) * size
+        m = (((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1).astype(np.uint8)
+        rle = mask_utils.encode(np.asfortranarray(m))
+        rle["counts"] = rle["counts"].decode()
+        return rle, [float(v) for v in mask_utils.toBbox(rle)], int(m.sum())
+
+    images, anns, results = [], [], []
+    for i in range(1, n_images + 1):
+        images.append({"id": i, "file_name": f"{i:012d}.png", "width": size, "height": size})
+        for _ in range(n_gt):
+            rle, box, area = ellipse()
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": 1, "segmentation": rle, "bbox": box,
+                         "area": area, "iscrowd": 0})
+        for _ in range(n_pred):
+            rle, box, _ = ellipse()
+            results.append({"image_id": i, "category_id": 1, "segmentation": rle, "bbox": box,
+                            "score": float(rng.uniform(0.001, 1))})
+    gt = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}
+    return gt, results
+
+
+def run_metrics_bench(n_images: int = 200, n_gt: int = 7, n_pred: int = 100, size: int = 512,
+                      yolo: str = "yolov8m-seg.yaml", n_detector_images: int = 16, device: str = "cpu",
+                      seed: int = 0) -> dict:
+    """Per-image cost of each scoring stage against the detector's, on synthetic data of COCO-like density.
+
+    The detector runs random weights built from its yaml (speed does not depend on the weights, except for the
+    number of surviving boxes, which the synthetic results set to ``n_pred``).
+    """
+    import tempfile
+
+    from PIL import Image
+
+    from .metrics.detection import coco_ap, load_yolo, mask_iou, yolo_predict
+    from .metrics.pim import pim
+
+    gt, results = _synthetic_scoring_set(n_images, n_gt, n_pred, size, seed)
+    stages = {}
+    for name, fn in {"coco_ap_bbox": lambda: coco_ap(gt, results, "bbox"),
+                     "coco_ap_segm": lambda: coco_ap(gt, results, "segm"),
+                     "mask_iou": lambda: mask_iou(gt, results),
+                     "pim_point": lambda: pim(gt, results, mode="point"),
+                     "pim_scribble": lambda: pim(gt, results, mode="scribble")}.items():
+        t0 = time.perf_counter()
+        fn()
+        stages[name] = (time.perf_counter() - t0) / n_images
+    with tempfile.TemporaryDirectory() as d:
+        rng = np.random.default_rng(seed)
+        files = []
+        for i in range(n_detector_images):
+            p = Path(d) / f"{i}.png"
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(p)
+            files.append((i, p))
+        model = load_yolo(yolo)
+        yolo_predict(model, files[:2], device=device)  # warm-up
+        t0 = time.perf_counter()
+        yolo_predict(model, files, device=device)
+        detector = (time.perf_counter() - t0) / n_detector_images
+    scoring = sum(stages.values())
+    return {"n_images": n_images, "gt_per_image": n_gt, "predictions_per_image": n_pred, "size": size,
+            "device": device, "detector": yolo, "seconds_per_image": {**{k: round(v, 5) for k, v in stages.items()},
+                                                                     "detector": round(detector, 5)},
+            "scoring_over_detector": round(scoring / detector, 3),
+            "projected_5000_images_s": {"detector": round(5000 * detector, 1), "all_scoring": round(5000 * scoring, 1)}}

@@ -70,7 +70,12 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
+    from .bench import run_bench, run_metrics_bench
+
+    if args.metrics:
+        report = run_metrics_bench(n_images=args.metrics_images, yolo=args.yolo, device=_device(args.device))
+        print(json.dumps(report, indent=2))
+        return 0
 
     report = run_bench(config=args.config, steps=args.steps, n_instances=args.instances, mis=args.mis,
                        num_images=args.num_images, device=_device(args.device), dtype=_dtype(args.dtype),
@@ -231,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     b.add_argument("--max-batch", type=int, default=None)
     b.add_argument("--repeats", type=int, default=1)
+    b.add_argument("--metrics", action="store_true", help="instead: scoring cost per image vs the detector's")
+    b.add_argument("--metrics-images", type=int, default=200)
+    b.add_argument("--yolo", default="yolov8m-seg.yaml")
     b.set_defaults(func=cmd_bench)
     da = sub.add_parser("data", help="datasets: COCO val2017, its 512x512 resized instances, the Shapes world")
     dsub = da.add_subparsers(dest="data_command", required=True)

@@ -104,3 +104,10 @@ def test_real_control_is_scored_in_the_gt_frame(shapes, tmp_path):
     assert all(Image.open(p).size == (64, 64) for _, p in files)
     same = real_in_gt_frame([(i, shapes.image_dir / it.file_name) for i, it in items.items()], items, cache=tmp_path / "c")
     assert [p for _, p in same] == [shapes.image_dir / it.file_name for it in items.values()]
+
+
+def test_metrics_bench_runs_small():
+    from instdiff_lib.bench import run_metrics_bench
+
+    r = run_metrics_bench(n_images=3, n_pred=5, size=64, yolo="yolov8n-seg.yaml", n_detector_images=2)
+    assert set(r["seconds_per_image"]) >= {"coco_ap_segm", "pim_point", "detector"} and r["scoring_over_detector"] > 0
