@@ -92,6 +92,12 @@ class Components:
 # ---- building -----------------------------------------------------------------------------------
 def build_vae(cfg: VAEConfig, image_size: int) -> AutoencoderKL:
     n = len(cfg.block_out_channels)
+    if cfg.kind == "space_to_depth":
+        from .autoencoder import SpaceToDepthAE
+
+        return SpaceToDepthAE(2 ** (n - 1), cfg.scaling_factor)
+    if cfg.kind != "kl":
+        raise ValueError(f"unknown vae kind {cfg.kind!r} (kl, space_to_depth)")
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
                          up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=cfg.block_out_channels,
                          layers_per_block=cfg.layers_per_block, latent_channels=cfg.latent_channels,

@@ -111,6 +111,10 @@ class DropFlags:
 
 @dataclass
 class VAEConfig:
+    """``kind`` "kl": diffusers AutoencoderKL (SD); "space_to_depth": the parameter-free fold of
+    :mod:`instdiff_lib.autoencoder` with factor 2^(len(block_out_channels) - 1), for CPU-scale models."""
+
+    kind: str = "kl"
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
     layers_per_block: int = 2
     latent_channels: int = 4
