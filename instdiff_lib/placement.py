@@ -216,23 +216,32 @@ def _cxcywh_to_xyxy(b):
     return _torch().stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
 
 
-class GroundingDinoDetector:
+class _TransformersDetector:
+    """A transformers detection model + processor; subclasses set ``name``, ``default_threshold``, ``score_rule``."""
+
+    name = ""
+    default_threshold = 0.0
+    score_rule = ""
+
+    def __init__(self, model, processor, *, threshold: float | None = None, source: str | None = None):
+        self.model = model.eval()
+        self.processor = processor
+        self.threshold = float(self.default_threshold if threshold is None else threshold)
+        self.source = source
+
+    def settings(self) -> dict:
+        return {"backend": self.name, "model": self.source, "threshold": self.threshold, "score": self.score_rule}
+
+
+class GroundingDinoDetector(_TransformersDetector):
     """Grounding DINO through transformers (``GroundingDinoForObjectDetection`` + its processor).
 
     ``threshold`` (default 0.35, the Grounding DINO demo's box threshold) applies to the per-query score.
     """
 
     name = "grounding-dino"
-
-    def __init__(self, model, processor, *, threshold: float = 0.35, source: str | None = None):
-        self.model = model.eval()
-        self.processor = processor
-        self.threshold = float(threshold)
-        self.source = source
-
-    def settings(self) -> dict:
-        return {"backend": self.name, "model": self.source, "threshold": self.threshold,
-                "score": "max sigmoid logit over the query's tokens"}
+    default_threshold = 0.35
+    score_rule = "max sigmoid logit over the query's tokens"
 
     @staticmethod
     def build_text(queries: Sequence[str]) -> tuple[str, list[tuple[int, int]]]:
@@ -282,21 +291,13 @@ class GroundingDinoDetector:
         return results
 
 
-class Owlv2Detector:
+class Owlv2Detector(_TransformersDetector):
     """OWLv2 through transformers (``Owlv2ForObjectDetection`` + its processor). ``threshold`` default 0.1 (the
     transformers examples' value) on the sigmoid class score."""
 
     name = "owlv2"
-
-    def __init__(self, model, processor, *, threshold: float = 0.1, source: str | None = None):
-        self.model = model.eval()
-        self.processor = processor
-        self.threshold = float(threshold)
-        self.source = source
-
-    def settings(self) -> dict:
-        return {"backend": self.name, "model": self.source, "threshold": self.threshold,
-                "score": "sigmoid class logit per query"}
+    default_threshold = 0.1
+    score_rule = "sigmoid class logit per query"
 
     def detect(self, images: Sequence[Any], queries: Sequence[Sequence[str]]) -> list[Detections]:
         torch = _torch()
@@ -419,18 +420,17 @@ def load_detector(backend: str = "grounding-dino", model: str | os.PathLike | No
 
     if backend == "grounding-dino":
         from transformers import GroundingDinoForObjectDetection as cls
-        wrapper, default_threshold = GroundingDinoDetector, 0.35
+        wrapper = GroundingDinoDetector
     else:
         from transformers import Owlv2ForObjectDetection as cls
-        wrapper, default_threshold = Owlv2Detector, 0.1
+        wrapper = Owlv2Detector
     kw: dict[str, Any] = {"local_files_only": local_only, "cache_dir": cache_dir}
     try:
         processor = AutoProcessor.from_pretrained(source, **kw)
         net = cls.from_pretrained(source, **kw, **({"dtype": torch_dtype} if torch_dtype is not None else {}))
     except (OSError, ValueError) as e:
         raise DetectorWeightsError(f"cannot load {backend} from {source!r}: {e}") from None
-    return wrapper(net.to(device), processor, threshold=default_threshold if threshold is None else threshold,
-                   source=source)
+    return wrapper(net.to(device), processor, threshold=threshold, source=source)
 
 
 # -----------------------------------------------------------------------------
