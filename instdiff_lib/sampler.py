@@ -140,9 +140,14 @@ class Sampler:
             null_objs = self.model.tokenize(null, drop).to(dtype)
             stats.tokenizations += len(active) + 1
 
+        cond_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # n branches -> (contexts, tokens), per phase
+
         def guided_eps(xs: list[torch.Tensor], brs: list[Branch], t: int, gate: int) -> list[torch.Tensor]:
             if batched:
-                return self._eps_batched(xs, brs, uc, null_objs, t, gate, guidance, max_batch, stats)
+                if len(brs) not in cond_cache:  # [cond of every branch | uncond of every branch], built once
+                    cond_cache[len(brs)] = (torch.cat([br.context for br in brs] + [uc] * len(brs)),
+                                            torch.cat([br.objs for br in brs] + [null_objs] * len(brs)))
+                return self._eps_batched(xs, *cond_cache[len(brs)], t, gate, guidance, max_batch, stats)
             return [self._eps_reference(x, br, uc, null, t, gate, guidance, drop, stats) for x, br in zip(xs, brs)]
 
         xs = [x_T.clone() for _ in active]
@@ -175,12 +180,10 @@ class Sampler:
         return xs[0]
 
     # ---- eps evaluations -----------------------------------------------------------------------
-    def _eps_batched(self, xs, brs, uc, null_objs, t, gate, guidance, max_batch, stats) -> list[torch.Tensor]:
+    def _eps_batched(self, xs, ctx_all, objs_all, t, gate, guidance, max_batch, stats) -> list[torch.Tensor]:
         """All branches x both guidance halves in as few UNet calls as ``max_batch`` allows."""
         B = xs[0].shape[0]
         x_all = torch.cat(xs + xs)
-        ctx_all = torch.cat([br.context for br in brs] + [uc] * len(brs))
-        objs_all = torch.cat([br.objs for br in brs] + [null_objs] * len(brs))
         n = x_all.shape[0]
         chunk = max_batch or n
         outs = []
@@ -188,7 +191,7 @@ class Sampler:
             tt = torch.full((min(chunk, n - s),), t, dtype=torch.int64, device=x_all.device)
             outs.append(self.model(x_all[s:s + chunk], tt, ctx_all[s:s + chunk], objs_all[s:s + chunk], gate))
             stats.unet_batches += 1
-        stats.unet_calls += 2 * len(brs)
+        stats.unet_calls += 2 * len(xs)
         eps = torch.cat(outs)
         e_c, e_u = eps[: n // 2], eps[n // 2:]
         guided = e_u + guidance * (e_c - e_u)
