@@ -313,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="'full' only for complete protocol runs; smoke numbers never enter paper tables")
     es.set_defaults(func=cmd_eval_score)
 
+    from .train import add_train_parser
+
+    add_train_parser(sub)  # instdiff train shapes ...
+
     q = sub.add_parser("parity", help="compare with the official implementation's golden tensors (shared/parity)")
     q.add_argument("--fixture", default=None, help="fixture folder (default: $INSTDIFF_PARITY_DIR or ../shared/parity)")
     q.add_argument("--device", default="cpu")

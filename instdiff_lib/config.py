@@ -240,7 +240,27 @@ def tiny() -> ModelConfig:
     )
 
 
-PRESETS = {"sd15": sd15, "parity-tiny": parity_tiny, "tiny": tiny}
+def shapes_mini() -> ModelConfig:
+    """The mini InstanceDiffusion of the Shapes world (issue 4), trained from scratch on a CPU.
+
+    64x64 RGB images folded 2x2 into a 12 x 32 x 32 "latent" (parameter-free space-to-depth, no VAE to
+    train); a small UNet with attention (hence fusers) only at 16x16 and 8x8 for CPU speed; the full
+    UniFusion token layout (30 slots, 64 seg tokens = 184 object tokens) with a tiny ConvNeXt; a 2-layer
+    CLIP text tower of width 64 (its 49,408-token vocabulary is the CLIP tokenizer's).
+    """
+    return ModelConfig(
+        name="shapes-mini",
+        unet=UNetConfig(sample_size=32, in_channels=12, out_channels=12, model_channels=32, channel_mult=(1, 2, 2),
+                        num_res_blocks=1, attention_resolutions=(2, 4), num_heads=4, context_dim=64),
+        unifusion=UniFusionConfig(in_dim=64, out_dim=64, mid_dim=64, seg_input_size=64, n_seg_tokens=64,
+                                  convnext_depths=(1, 1, 1, 1), convnext_dims=(8, 16, 32, 64)),
+        vae=VAEConfig(kind="space_to_depth", block_out_channels=(1, 1), scaling_factor=1.0),
+        text=TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                        projection_dim=64),
+    )
+
+
+PRESETS = {"sd15": sd15, "parity-tiny": parity_tiny, "tiny": tiny, "shapes-mini": shapes_mini}
 
 
 def get_config(name_or_path: str | Path) -> ModelConfig:

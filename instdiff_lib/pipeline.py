@@ -58,7 +58,7 @@ class InstanceDiffusionPipeline:
         self.dtype = dtype
         self.c.unet.to(self.device, dtype)
         self.c.unet.position_net.float()  # tokens are computed once per run, in fp32 (Fourier features)
-        self.c.text.to(self.device)  # fp32: run once per prompt
+        self.c.text.to(self.device, torch.float32)  # fp32: runs once per prompt
         self.c.vae.to(self.device)  # fp32 decode avoids fp16 VAE overflow
         self.sampler = Sampler(self.c.unet)
 

@@ -1,0 +1,250 @@
+"""Tests for instdiff_lib.train: the Shapes training set, the training step, resuming, export, dropout rates."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from instdiff_lib.config import DropFlags, get_config
+from instdiff_lib.layout import grounding_arrays
+from instdiff_lib.shapes import ShapesSplit, shapes_layouts
+from instdiff_lib.train import (
+    ShapesTrainSet,
+    TrainConfig,
+    Trainer,
+    add_train_parser,
+    batch_indices,
+    conditioning,
+    sample_drop_flags,
+    step_noise,
+)
+
+N_IMAGES = 16
+
+
+@pytest.fixture
+def one_thread():
+    """Bit-for-bit comparisons need a fixed intra-op thread count."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("shapes")
+
+
+@pytest.fixture(scope="module")
+def dataset(data_dir):
+    return ShapesTrainSet(data_dir, N_IMAGES, seed=5, size=64, seg_size=64)
+
+
+def _cfg(tmp_path, data_dir, **kw):
+    base = dict(out_dir=str(tmp_path / "run"), data_dir=str(data_dir), n_train_images=N_IMAGES, data_seed=5,
+                batch_size=2, steps=4, warmup_steps=2, log_every=1, ckpt_every=2, figure=str(tmp_path / "loss.png"),
+                progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ---- data ------------------------------------------------------------------------------------------
+def test_dataset_is_deterministic_and_matches_grounding_arrays(dataset, data_dir, tmp_path):
+    other = ShapesTrainSet(tmp_path / "other", N_IMAGES, seed=5, size=64, seg_size=64, cache=False)
+    cached = ShapesTrainSet(data_dir, N_IMAGES, seed=5, size=64, seg_size=64)  # read back from the cache file
+    assert list(data_dir.glob("train_cache_*.npz"))
+    idx = list(range(N_IMAGES))
+    a, b, c = dataset.batch(idx), other.batch(idx), cached.batch(idx)
+    for k in a:
+        assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]), k
+    assert dataset.captions == other.captions and dataset.instance_captions == other.instance_captions
+    different = ShapesTrainSet(tmp_path / "seed6", 4, seed=6, size=64, seg_size=64, cache=False)
+    assert not torch.equal(different.batch([0])["images"], a["images"][:1])
+
+    # every field equals grounding_arrays(layout, seed=image_id, seg_size=64); images in [-1, 1]
+    layouts = shapes_layouts(ShapesSplit.load(data_dir, "train"))
+    for j in (0, 7, 15):
+        image_id, _, layout = layouts[j]
+        g = grounding_arrays(layout, seed=image_id, seg_size=64)
+        for k, v in g.items():
+            assert np.array_equal(a[k][j].numpy(), v), k
+        n = len(layout.instances)
+        assert dataset.instance_captions[j] == [inst.caption for inst in layout.instances]
+        assert dataset.captions[j] == layout.caption
+        ids = a["inst_ids"][j]
+        tok = dataset.batch([j])["global_ids"][0]
+        assert tok[0] == 49406 and (tok == 49407).any()
+        assert (ids[:n, 0] == 49406).all() and (ids[n:] == 49407).all()
+    assert a["images"].min() >= -1 and a["images"].max() <= 1 and a["images"].shape == (N_IMAGES, 3, 64, 64)
+
+
+def test_batch_order_covers_each_epoch_once():
+    seen = np.concatenate([batch_indices(10, 4, seed=3, step=s) for s in range(5)])  # 2 epochs of 10
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+    assert not np.array_equal(seen[:10], seen[10:])  # a new permutation per epoch
+    assert np.array_equal(batch_indices(10, 4, 3, 2), batch_indices(10, 4, 3, 2))
+
+
+# ---- conditioning dropout --------------------------------------------------------------------------
+def _within(count, n, p, sigmas=4.5):
+    return abs(count / n - p) <= sigmas * math.sqrt(p * (1 - p) / n)
+
+
+def test_dropout_rates(tmp_path, data_dir):
+    cfg = _cfg(tmp_path, data_dir, batch_size=16)
+    mcfg = get_config("shapes-mini")
+    steps = 600
+    nulls = caps = 0
+    for s in range(steps):
+        r = step_noise(cfg, mcfg, s)
+        nulls += int(r.null.sum())
+        caps += int(r.drop_caption.sum())
+        assert r.t.min() >= 0 and r.t.max() < 1000 and r.noise.shape == (16, 12, 32, 32)
+    n = steps * 16
+    assert _within(nulls, n, 0.1) and _within(caps, n, 0.1), (nulls / n, caps / n)
+    # per-batch unit (official): the whole batch at once
+    rb = [step_noise(_cfg(tmp_path, data_dir, batch_size=8, null_grounding_unit="batch"), mcfg, s).null
+          for s in range(400)]
+    assert all(bool(x.all()) or not bool(x.any()) for x in rb)
+    assert _within(sum(bool(x[0]) for x in rb), 400, 0.1)
+
+    # modality drops (official reset_dropout_train), one draw per batch
+    gen = torch.Generator().manual_seed(0)
+    flags = [sample_drop_flags(gen) for _ in range(20000)]
+    n = len(flags)
+    masks_dropped = sum(f.masks for f in flags)
+    point_only = sum(f.boxes and f.scribbles and f.masks and not f.points for f in flags)
+    boxes_dropped = sum(f.boxes for f in flags)
+    assert _within(masks_dropped, n, 0.1 + 0.9 * 0.1)  # point-only mode or the mask coin
+    assert _within(point_only, n, 0.1 + 0.9 * 0.1 ** 3 * 0.9)
+    assert _within(boxes_dropped, n, 0.1 + 0.9 * 0.01)  # boxes only go with the masks
+    assert all(f.masks or not f.boxes for f in flags)  # masks kept => boxes kept
+    assert all(f.masks or not f.points for f in flags)  # masks kept => points kept
+    assert sum(f.points for f in flags) < 0.005 * n  # points are (almost) never dropped
+    assert not any(all(f.as_tuple()) for f in flags)  # never everything
+    p0 = sample_drop_flags(torch.Generator(), p_drop=0.0, p_point_only=0.0, p_seg_only=0.0)
+    assert p0 == DropFlags.preset("all")
+
+
+def test_null_grounding_equals_the_samplers_null(tmp_path, data_dir, dataset):
+    cfg = _cfg(tmp_path, data_dir)
+    tr = Trainer(cfg, data=dataset)
+    batch = dataset.batch([0, 1, 2])
+    null = torch.tensor([False, True, False])
+    with torch.no_grad():
+        _, g = conditioning(tr.model, batch, null=null)
+        ref = tr.comp.unet.position_net.null_grounding(1, seg_size=64)
+        for k, v in ref.items():
+            assert torch.equal(g[k][1], v[0]), k
+        assert g["masks"][0].sum() > 0 and g["positive_embeddings"][0].abs().sum() > 0
+        objs = tr.comp.unet.tokenize(g, DropFlags.preset("all"))
+        objs_null = tr.comp.unet.tokenize(ref, DropFlags.preset("all"))
+    torch.testing.assert_close(objs[1], objs_null[0], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(objs[0], objs_null[0])
+
+
+def test_instance_embeddings_batched_equal_one_at_a_time(tmp_path, data_dir, dataset):
+    tr = Trainer(_cfg(tmp_path, data_dir), data=dataset)
+    batch = dataset.batch([3, 4])
+    with torch.no_grad():
+        _, g = conditioning(tr.model, batch)
+        tr.comp.text.eval()
+        for j, i in enumerate((3, 4)):
+            ref = tr.comp.text.encode_phrases(dataset.instance_captions[i])
+            n = len(ref)
+            torch.testing.assert_close(g["positive_embeddings"][j, :n], ref, rtol=1e-5, atol=1e-5)
+            assert not g["positive_embeddings"][j, n:].any()
+
+
+# ---- training --------------------------------------------------------------------------------------
+def test_training_lowers_the_loss_on_a_fixed_batch(tmp_path, data_dir, dataset, one_thread):
+    cfg = _cfg(tmp_path, data_dir, batch_size=4, steps=30, lr=1e-3, warmup_steps=3)
+    tr = Trainer(cfg, data=dataset)
+    for f in tr.comp.unet.fusers:
+        assert f.alpha_attn.item() == 1.0 and f.alpha_dense.item() == 1.0  # from-scratch gate init
+    gen = torch.Generator().manual_seed(123)
+    batch = dataset.batch(list(range(8)))
+    t = torch.tensor([50, 150, 250, 400, 550, 700, 850, 950])
+    noise = torch.randn(8, 12, 32, 32, generator=gen)
+    before = tr.eval_loss(batch, t, noise)
+    params0 = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    losses = [tr.train_step()[0] for _ in range(30)]
+    after = tr.eval_loss(batch, t, noise)
+    assert all(math.isfinite(v) for v in losses)
+    print(f"eval loss before {before:.4f} after {after:.4f}")
+    assert after < 0.8 * before, (before, after)
+    # every part trains: UNet, fusers, UniFusion tokenizer, ScaleU, the text tower
+    moved = {n for n, p in tr.model.named_parameters() if not torch.equal(p, params0[n])}
+    for part in ("unet.unet.conv_in.weight", "unet.unet.position_net.linears_list.0.0.weight",
+                 "unet.unet.position_net.linears_list.4.0.weight", "unet.unet.scaleu.scaleu_b_0",
+                 "text.encoder.layers.0.mlp.fc1.weight", "text.embeddings.token_embedding.weight"):
+        assert part in moved, part
+    assert any(".fuser.alpha_attn" in n for n in moved)
+    ema_after = tr.eval_loss(batch, t, noise, use_ema=True)
+    assert math.isfinite(ema_after)
+
+
+def test_resume_is_bit_identical_and_export_loads(tmp_path, data_dir, dataset, one_thread):
+    from instdiff_lib.pipeline import InstanceDiffusionPipeline
+
+    straight = Trainer(_cfg(tmp_path / "a", data_dir, steps=6, ckpt_every=100), data=dataset).run()
+    first = Trainer(_cfg(tmp_path / "b", data_dir, steps=3, ckpt_every=100), data=dataset).run()
+    assert first["steps"] == 3
+    with pytest.raises(ValueError, match="--resume"):
+        Trainer(_cfg(tmp_path / "b", data_dir, steps=6), data=dataset)
+    with pytest.raises(ValueError, match="different settings"):
+        Trainer(_cfg(tmp_path / "b", data_dir, steps=6, lr=1e-3, resume=True), data=dataset)
+    resumed_trainer = Trainer(_cfg(tmp_path / "b", data_dir, steps=6, resume=True), data=dataset)
+    assert resumed_trainer.step == 3
+    resumed = resumed_trainer.run()
+    assert resumed["steps"] == 6 and resumed["resumed_from"] == 3
+
+    sa = torch.load(tmp_path / "a" / "run" / "state.pt", weights_only=False)
+    sb = torch.load(tmp_path / "b" / "run" / "state.pt", weights_only=False)
+    assert sa["step"] == sb["step"] == 6
+    for key in ("model", "ema"):
+        assert sa[key].keys() == sb[key].keys()
+        for k in sa[key]:
+            assert torch.equal(sa[key][k], sb[key][k]), (key, k)
+    for k, v in sa["optimizer"]["state"].items():
+        assert all(torch.equal(v[s], sb["optimizer"]["state"][k][s]) for s in v)
+
+    def losses(run):
+        with open(tmp_path / run / "run" / "loss.csv") as f:
+            return [(r["step"], r["loss"]) for r in csv.DictReader(f)]
+    assert losses("a") == losses("b") and len(losses("a")) == 6
+    assert (tmp_path / "a" / "loss.png").stat().st_size > 0
+
+    # the export: the EMA weights, fp16, <= 20 MB, loads in the pipeline and generates 64x64 images
+    out = tmp_path / "a" / "run"
+    assert straight["export"]["bytes"] <= 20 * 2**20
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dtype"] == "float16" and manifest["source"]["step"] == 6
+    pipe = InstanceDiffusionPipeline.from_pretrained(str(out))
+    ema = sa["ema"]["unet.unet.conv_in.weight"].half().float()
+    torch.testing.assert_close(pipe.c.unet.unet.conv_in.weight.float(), ema)
+    layout = shapes_layouts(ShapesSplit.load(data_dir, "train"))[0][2]
+    res = pipe(layout, seed=0, steps=3, mis=0.36, progress=False)
+    assert res.images[0].size == (64, 64)
+    assert np.asarray(res.images[0]).std() > 0
+
+
+def test_cli_parser():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    a = p.parse_args(["train", "shapes", "--out", "x", "--steps", "5", "--batch-size", "8", "--seed", "3", "--resume"])
+    assert (a.steps, a.minutes, a.batch_size, a.seed, a.resume, a.out) == (5, None, 8, 3, True, "x")
+    assert callable(a.func)
+    b = p.parse_args(["train", "shapes", "--out", "x", "--minutes", "1.5"])
+    assert b.minutes == 1.5 and b.steps is None
+    with pytest.raises(SystemExit):
+        p.parse_args(["train", "shapes", "--out", "x", "--minutes", "1", "--steps", "3"])
+    with pytest.raises(ValueError):
+        TrainConfig()  # no budget
