@@ -645,13 +645,12 @@ class Trainer:
         return path
 
     # ---- the loop ---------------------------------------------------------------------------------
-    def done(self, session_start: float) -> bool:
+    def done(self) -> bool:
+        """Budget reached? ``elapsed_s`` is the training wall time summed over sessions, updated every step."""
         cfg = self.cfg
         if cfg.steps is not None and self.step >= cfg.steps:
             return True
-        if cfg.minutes is not None and self.elapsed_s + (time.perf_counter() - session_start) >= cfg.minutes * 60:
-            return True
-        return False
+        return cfg.minutes is not None and self.elapsed_s >= cfg.minutes * 60
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -665,7 +664,7 @@ class Trainer:
         smooth = None
         last_log_t, last_log_step = t0, self.step
         try:
-            while not self.done(t0):
+            while not self.done():
                 loss, gnorm = self.train_step()
                 self.elapsed_s = elapsed0 + (time.perf_counter() - t0)
                 self.window.append(loss)

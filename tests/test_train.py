@@ -248,3 +248,12 @@ def test_cli_parser():
         p.parse_args(["train", "shapes", "--out", "x", "--minutes", "1", "--steps", "3"])
     with pytest.raises(ValueError):
         TrainConfig()  # no budget
+
+
+def test_minutes_budget_counts_wall_time_once(tmp_path, data_dir, dataset):
+    """The wall-clock budget compares the accumulated training time once (a double count stopped runs at half)."""
+    tr = Trainer(_cfg(tmp_path, data_dir, steps=None, minutes=1.0), data=dataset)
+    tr.elapsed_s = 59.0
+    assert not tr.done()
+    tr.elapsed_s = 60.0
+    assert tr.done()
