@@ -24,6 +24,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .fileio import atomic_write_bytes, sha256_file
+
 # Evaluation settings: which modalities are fed (official test_*.yaml) and which attribute is added.
 SETTINGS: dict[str, dict] = {
     "box": {"drop": "box", "attribute": None},  # boxes (+ box-centre points)
@@ -87,21 +89,18 @@ def read_manifest(out_dir: str | Path) -> list[dict]:
     out_dir = Path(out_dir)
     rows: dict[int, dict] = {}
     for path in sorted(out_dir.glob("manifest-*.jsonl")):
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        lines = path.read_text().splitlines()
+        for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                if n == len(path.read_text().splitlines()):
+                if n == len(lines):
                     continue  # a torn last line from a kill: that image is regenerated
                 raise ManifestError(f"{path}:{n} is not valid JSON") from None
             rows[row["image_id"]] = row
     return sorted(rows.values(), key=lambda r: r["image_id"])
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def generate_eval(items: list, out_dir: str | Path, pipe, setting: str, *, shard: tuple[int, int] = (0, 1),
@@ -130,7 +129,7 @@ def generate_eval(items: list, out_dir: str | Path, pipe, setting: str, *, shard
             raise ManifestError(f"{out_dir} already holds images of another configuration (differences: {diff}); "
                                 "use a new folder")
     else:
-        _atomic_write(config_file, json.dumps({"config_hash": config_hash, "config": config}, indent=2).encode())
+        atomic_write_bytes(config_file, json.dumps({"config_hash": config_hash, "config": config}, indent=2).encode())
 
     done = {r["image_id"]: r for r in read_manifest(out_dir) if r.get("config_hash") == config_hash}
     mine = shard_items(items, shard)
@@ -142,7 +141,7 @@ def generate_eval(items: list, out_dir: str | Path, pipe, setting: str, *, shard
             fname = f"{Path(item.file_name).stem}.{image_format}"
             target = out_dir / fname
             row = done.get(item.image_id)
-            if row and target.exists() and file_sha256(target) == row["sha256"]:
+            if row and target.exists() and sha256_file(target) == row["sha256"]:
                 n_skip += 1
                 continue
             seed = image_seed(base_seed, item.image_id)
@@ -154,7 +153,7 @@ def generate_eval(items: list, out_dir: str | Path, pipe, setting: str, *, shard
             else:
                 result.images[0].save(buf, format="PNG")
             data = buf.getvalue()
-            _atomic_write(target, data)
+            atomic_write_bytes(target, data)
             row = {"image_id": item.image_id, "file": fname, "seed": seed, "config_hash": config_hash,
                    "sha256": hashlib.sha256(data).hexdigest(), "setting": setting, "n_instances": len(item.layout.instances)}
             manifest.write(json.dumps(row) + "\n")
@@ -168,8 +167,3 @@ def generate_eval(items: list, out_dir: str | Path, pipe, setting: str, *, shard
           f"{summary.images_per_s:.3f} images/s")
     return summary
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

@@ -16,26 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from .fileio import atomic_save_image, atomic_write_text
 from .layout import Layout
 from .viz import draw_layout
-
-
-def atomic_save_image(img: Image.Image, path: Path, **kwargs) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format=(path.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"), **kwargs)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def params_hash(params: dict) -> str:
@@ -100,5 +88,5 @@ def generate_from_layout(layout_path: str | Path, out_dir: str | Path, model: st
     atomic_save_image(draw_layout(layout, image=images[0].resize((512, 512))), overlay_path)
     meta = {"params_hash": key, "layout_file": str(layout_path), "images": [p.name for p in image_paths],
             **result.info, "refine": refine}
-    atomic_write_text(json.dumps(meta, indent=2), meta_path)
+    atomic_write_text(meta_path, json.dumps(meta, indent=2))
     return all_paths

@@ -20,6 +20,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from .fileio import atomic_write_text
+
 PROFILES = ("smoke", "full")
 TRACKED_PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "safetensors", "numpy", "pycocotools",
                     "ultralytics", "open_clip_torch", "torchmetrics", "scikit-image", "papermill")
@@ -77,10 +79,7 @@ def write_results(path: str | Path, metrics: dict[str, Any], *, params: dict[str
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"metrics": metrics, "params": params, "n_evaluated": n_evaluated, "n_skipped": n_skipped,
            "profile": profile, "wall_time_s": wall_time_s, "provenance": provenance(), **(extra or {})}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=_jsonable))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(doc, indent=2, default=_jsonable))
 
 
 def read_results(path: str | Path) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from instdiff_lib.fileio import atomic_write_text
 from instdiff_lib.layout import Instance, Layout, box_xywh_to_xyxy_norm, decode_mask, encode_mask
 
 # -----------------------------------------------------------------------------
@@ -281,9 +282,7 @@ def _split_key(split: str) -> int:
 
 def _write_json(path: Path, obj: dict) -> None:
     """Compact, deterministic JSON, written atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, separators=(",", ":")))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, separators=(",", ":")))
 
 
 def make_shapes_dataset(

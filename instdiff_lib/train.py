@@ -71,6 +71,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Components, build_components, save_converted
 from .config import DropFlags, ModelConfig, get_config
+from .fileio import atomic_write_text
 from .layout import grounding_arrays
 from .sampler import alphas_cumprod
 from .shapes import ShapesSplit, make_shapes_dataset, shapes_layouts
@@ -426,11 +427,6 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
 
 class Trainer:
     """One training run: data, model, optimizer, EMA, state. :func:`train_shapes` is ``Trainer(cfg).run()``."""
@@ -655,7 +651,7 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(self.out / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
+        atomic_write_text(self.out / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
         start_step = self.step
         t0 = time.perf_counter()
         elapsed0 = self.elapsed_s
@@ -707,7 +703,7 @@ class Trainer:
             "export": export, "state": str(self.state_path), "loss_csv": str(self.csv_path),
             "figure": str(figure) if figure else None, "train_config": cfg.to_dict(),
         }
-        _atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
+        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
         return summary
 
 

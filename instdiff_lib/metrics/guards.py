@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from instdiff_lib.fileio import sha256_file
+
 __all__ = [
     "GuardError",
     "IMAGE_EXTS",
@@ -38,14 +40,6 @@ _MAX_LISTED = 10
 
 class GuardError(RuntimeError):
     """The images about to be scored are not (only) the generated ones."""
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _listed(items: list, n: int = _MAX_LISTED) -> str:
@@ -108,7 +102,7 @@ def check_manifest(folder: str | os.PathLike, manifest_rows: Iterable[Mapping], 
         if root_real not in path.resolve().parents:
             add("path outside the folder", rel)
             continue
-        if verify_sha256 and row.get("sha256") and _sha256_file(path) != row["sha256"]:
+        if verify_sha256 and row.get("sha256") and sha256_file(path) != row["sha256"]:
             add("sha256 mismatch", rel)
         out.append((image_id, path))
 
