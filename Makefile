@@ -6,18 +6,28 @@ STAMP := $(VENV)/.installed-stamp
 OUT ?= outputs
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup demo test test-fast bench clean
+PROFILE ?= smoke
+.PHONY: setup report lab demo test test-fast bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	@$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"Python 3.11 required, found {sys.version.split()[0]} (set PY=/path/to/python3.11)"'
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c requirements.lock -e ".[test]"
+	$(BIN)/python -m pip install -q -c requirements.lock -e ".[test,lab]"
 	touch $(STAMP)
 
 setup: $(STAMP)
 
-## The main job (for now): demo images from our layout files with the embedded default model.
+## The main job: every notebook with papermill (smoke: the Shapes mini model, data and evaluators, CPU), then
+## blogpost.md; executed notebooks + HTML in $(OUT)/report/$(PROFILE). PROFILE=full: COCO + released weights (GPU).
+report: $(STAMP)
+	$(BIN)/instdiff report all --profile $(PROFILE)
+
+## JupyterLab on the notebooks, with the project's venv as the kernel.
+lab: $(STAMP)
+	$(BIN)/jupyter lab --notebook-dir=notebooks
+
+## Demo images from our layout files with the embedded default model.
 demo: $(STAMP)
 	$(BIN)/instdiff generate layouts/boxes_kitchen_animals.json --out $(OUT)/demo --steps 25 --num-images 2
 	$(BIN)/instdiff generate layouts/masks_street.json --out $(OUT)/demo --steps 25 --num-images 2

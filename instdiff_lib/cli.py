@@ -316,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .train import add_train_parser
 
     add_train_parser(sub)  # instdiff train shapes ...
+    from .report.runner import add_report_parser
+
+    add_report_parser(sub)  # instdiff report notebook|all|generate|blog
 
     q = sub.add_parser("parity", help="compare with the official implementation's golden tensors (shared/parity)")
     q.add_argument("--fixture", default=None, help="fixture folder (default: $INSTDIFF_PARITY_DIR or ../shared/parity)")
@@ -335,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CheckpointError, LayoutError, PromptTooLongError, FileNotFoundError, ValueError, RuntimeError) as e:
+        # (NotebookFailed is a RuntimeError: the message names the executed copy with the traceback)
         print(f"error: {e}", file=sys.stderr)
         return 2
 

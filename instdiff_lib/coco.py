@@ -379,6 +379,7 @@ def protocol_items(
     attribute: str | None = None,
     max_instances: int = MAX_INSTANCES,
     image_ids: Iterable[int] | None = None,
+    phrase_source: str = "official",
 ) -> list[CocoItem]:
     """The per-image conditioning of the official COCO protocol (spec §4.1, eval_local.py), as CocoItems.
 
@@ -396,7 +397,13 @@ def protocol_items(
     - masks: the annotation's polygons / RLE decoded at the image's width x height (lazily, `item.layout`).
     Images without annotations yield an item with no instances (prompt = caption only).
     Works on any COCO-format pair, e.g. the Shapes dataset's json files.
+
+    ``phrase_source="annotation"`` (the Shapes world): phrase = the annotation's own ``caption`` field ("a red
+    striped circle"), attribute = its drawn ``color`` / ``texture`` field (so a real image agrees with its
+    attributes), prompt = the first caption alone (the training format of the mini model).
     """
+    if phrase_source not in ("official", "annotation"):
+        raise ValueError(f"phrase_source must be 'official' or 'annotation', got {phrase_source!r}")
     if attribute not in (None, "color", "texture"):
         raise ValueError(f"attribute must be None, 'color' or 'texture', got {attribute!r}")
     if max_instances < 1:
@@ -427,13 +434,22 @@ def protocol_items(
         anns = anns_of[image_id]
         attrs_all = None
         names = [categories[a["category_id"]] for a in anns]
-        if attribute is not None:
+        if phrase_source == "annotation":
+            missing = [a["id"] for a in anns if "caption" not in a or (attribute and attribute not in a)]
+            if missing:
+                raise DataError(f"annotations {missing[:5]} lack the 'caption'/{attribute!r} fields that "
+                                "phrase_source='annotation' reads (Shapes-world annotations have them)")
+            attrs_all = [a[attribute] for a in anns] if attribute else None
+            phrases_all = [a["caption"] for a in anns]
+        elif attribute is not None:
             table = COLORS if attribute == "color" else TEXTURES_COCO
             attrs_all = [table[a["id"] % len(table)] for a in anns]
             phrases_all = [f"{t} {n}" for t, n in zip(attrs_all, names)]
         else:
             phrases_all = names
-        if first_caption is None:
+        if phrase_source == "annotation":
+            prompt = (first_caption or {}).get(image_id, ", ".join(phrases_all))
+        elif first_caption is None:
             prompt = ", ".join(phrases_all)
         else:
             if image_id not in first_caption:

@@ -14,6 +14,7 @@ to ``manifest-{i:03d}-of-{n:03d}.jsonl`` per finished image::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -103,11 +104,23 @@ def read_manifest(out_dir: str | Path) -> list[dict]:
     return sorted(rows.values(), key=lambda r: r["image_id"])
 
 
+@contextlib.contextmanager
+def _restore_skip(unet, mode: str):
+    try:
+        yield
+    finally:
+        unet.set_skip_mode(mode)
+
+
 def generate_eval(items: list, out_dir: str | Path, pipe, setting: str, *, shard: tuple[int, int] = (0, 1),
                   base_seed: int = 0, image_format: str = "jpg", quality: int = 75, steps: int | None = None,
                   guidance: float | None = None, alpha: float | None = None, mis: float | None = None,
-                  negative_prompt: str = EVAL_NEGATIVE_PROMPT, progress: bool = True) -> GenerationSummary:
-    """Generate this shard's images. ``items`` have ``image_id``, ``file_name`` and ``layout`` (see coco.py)."""
+                  negative_prompt: str = EVAL_NEGATIVE_PROMPT, progress: bool = True, drop: str | None = None,
+                  skip_mode: str | None = None) -> GenerationSummary:
+    """Generate this shard's images. ``items`` have ``image_id``, ``file_name`` and ``layout`` (see coco.py).
+
+    ``drop`` overrides the setting's modality preset and ``skip_mode`` the model's (``scaleu``/``freeu``/``none``)
+    for ablations; both are part of the folder's configuration (a resumed run must match it)."""
     if setting not in SETTINGS or setting == "real":
         raise ValueError(f"setting must be one of {[s for s in SETTINGS if s != 'real']}, got {setting!r}")
     if image_format not in ("jpg", "png"):
@@ -116,7 +129,11 @@ def generate_eval(items: list, out_dir: str | Path, pipe, setting: str, *, shard
                              if v is not None}}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = {"setting": setting, "drop": SETTINGS[setting]["drop"], **p, "negative_prompt": negative_prompt,
+    drop = drop or SETTINGS[setting]["drop"]
+    unet = pipe.c.unet
+    old_skip = unet.skip_mode
+    skip_mode = skip_mode or old_skip
+    config = {"setting": setting, "drop": drop, "skip_mode": skip_mode, **p, "negative_prompt": negative_prompt,
               "base_seed": base_seed, "model": pipe.c.label, "model_config": pipe.cfg.name,
               "image_size": pipe.cfg.image_size, "format": image_format, "quality": quality,
               "dtype": str(pipe.dtype)}
@@ -136,7 +153,8 @@ def generate_eval(items: list, out_dir: str | Path, pipe, setting: str, *, shard
     mpath = manifest_path(out_dir, shard)
     t0, n_gen, n_skip = time.perf_counter(), 0, 0
     bar = tqdm(mine, desc=f"{setting} shard {shard[0]}/{shard[1]}", disable=not progress)
-    with open(mpath, "a") as manifest:
+    unet.set_skip_mode(skip_mode)
+    with _restore_skip(unet, old_skip), open(mpath, "a") as manifest:
         for item in bar:
             fname = f"{Path(item.file_name).stem}.{image_format}"
             target = out_dir / fname
@@ -146,7 +164,7 @@ def generate_eval(items: list, out_dir: str | Path, pipe, setting: str, *, shard
                 continue
             seed = image_seed(base_seed, item.image_id)
             result = pipe(item.layout, seed=seed, num_images=1, negative_prompt=negative_prompt,
-                          drop=SETTINGS[setting]["drop"], truncate_prompt=True, progress=False, **p)
+                          drop=drop, truncate_prompt=True, progress=False, **p)
             buf = io.BytesIO()
             if image_format == "jpg":
                 result.images[0].save(buf, format="JPEG", quality=quality)

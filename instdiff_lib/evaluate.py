@@ -88,14 +88,20 @@ def _pack(result) -> dict:
 
 def score_setting(setting: str, *, instances_json, captions_json=None, images_dir=None, real_image_dir=None,
                   yolo="yolov8m-seg.pt", clip=None, fid_real_dir=None, fid_feature=None, device: str = "cpu",
-                  batch: int = 16, seed: int = 0, limit: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Score one setting; returns {"metrics": {...}, "n_images", "timing_s", "images_per_s", "source"}."""
+                  batch: int = 16, seed: int = 0, limit: int | None = None, progress: bool = True,
+                  phrase_source: str = "official", imgsz: int | None = None, class_map=None,
+                  attribute_vocab=None, fid_size: int = 512) -> dict[str, Any]:
+    """Score one setting; returns {"metrics": {...}, "n_images", "timing_s", "images_per_s", "source"}.
+
+    The defaults are the COCO protocol. The Shapes world passes ``phrase_source="annotation"`` (see
+    :func:`protocol_items`), its detector's ``imgsz`` and ``class_map="index+1"``, its attribute vocabulary, and
+    a custom FID ``fid_feature`` with ``fid_size`` 64."""
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {list(SETTINGS)}, got {setting!r}")
     attribute = SETTINGS[setting]["attribute"]
     timing: dict[str, float] = {}
     t = time.perf_counter()
-    items = protocol_items(instances_json, captions_json, attribute=attribute)
+    items = protocol_items(instances_json, captions_json, attribute=attribute, phrase_source=phrase_source)
     by_id = {it.image_id: it for it in items}
     files, source = _files_for(setting, items[:limit] if (setting == "real" and limit) else items, images_dir,
                                real_image_dir)
@@ -114,13 +120,16 @@ def score_setting(setting: str, *, instances_json, captions_json=None, images_di
         from .metrics.pim import pim
 
         t = time.perf_counter()
-        preds = yolo_predict(load_yolo(yolo), files, device=device, batch=batch, progress=progress)
+        kw = {"imgsz": imgsz} if imgsz else {}
+        preds = yolo_predict(load_yolo(yolo), files, device=device, batch=batch, progress=progress,
+                             class_map=class_map, **kw)
         timing["detector"] = time.perf_counter() - t
         t = time.perf_counter()
         if setting in ("box", "mask", "real"):
             metrics["box"] = _pack(coco_ap(instances_json, preds, "bbox", ids))
             metrics["mask"] = _pack(coco_ap(instances_json, preds, "segm", ids))
-            metrics["mask_iou"] = _pack(mask_iou(instances_json, preds, ids))
+            miou = mask_iou(instances_json, preds, ids)
+            metrics["mask_iou"] = {**_pack(miou), "per_image": {str(k): v for k, v in miou.details["per_image"].items()}}
             if setting != "real":
                 warning = sanity_flag_real_like({"AP_box": metrics["box"]["values"]["AP"],
                                                  "AP50_box": metrics["box"]["values"]["AP50"],
@@ -144,7 +153,7 @@ def score_setting(setting: str, *, instances_json, captions_json=None, images_di
             boxes = [[x0 * it.width, y0 * it.height, (x1 - x0) * it.width, (y1 - y0) * it.height]
                      for x0, y0, x1, y1 in it.boxes]
             attr_items.append(AttributeItem(i, it.width, it.height, boxes, it.phrases, it.attributes))
-        vocab = CLIP_COLORS if attribute == "color" else TEXTURES_COCO
+        vocab = attribute_vocab or (CLIP_COLORS if attribute == "color" else TEXTURES_COCO)
         t = time.perf_counter()
         metrics["attribute"] = _pack(attribute_binding(attr_items, dict(files), clip, vocab, batch_size=64))
         timing["clip"] = time.perf_counter() - t
@@ -154,7 +163,7 @@ def score_setting(setting: str, *, instances_json, captions_json=None, images_di
 
         t = time.perf_counter()
         reals = sorted(p for p in Path(fid_real_dir).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-        metrics["fid"] = _pack(fid([p for _, p in files], reals, device=device, feature=fid_feature))
+        metrics["fid"] = _pack(fid([p for _, p in files], reals, device=device, feature=fid_feature, size=fid_size))
         timing["fid"] = time.perf_counter() - t
 
     total = sum(timing.values())

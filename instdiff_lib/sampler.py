@@ -195,7 +195,14 @@ class Sampler:
         eps = torch.cat(outs)
         e_c, e_u = eps[: n // 2], eps[n // 2:]
         guided = e_u + guidance * (e_c - e_u)
-        return list(guided.split(B))
+        return [self._as_eps(g, x, t) for g, x in zip(guided.split(B), xs)]
+
+    def _as_eps(self, out: torch.Tensor, x: torch.Tensor, t: int) -> torch.Tensor:
+        """The (guided) model output as eps: identity for epsilon models; ``sqrt(a) v + sqrt(1 - a) x`` for v."""
+        if self.schedule_cfg.prediction_type == "epsilon":
+            return out
+        a = float(alphas_cumprod(self.schedule_cfg)[t])
+        return a ** 0.5 * out + (1.0 - a) ** 0.5 * x
 
     def _eps_reference(self, x, br, uc, null, t, gate, guidance, drop, stats) -> torch.Tensor:
         """The official order: conditional and unconditional calls separately, tokens recomputed."""
@@ -205,4 +212,4 @@ class Sampler:
         stats.unet_calls += 2
         stats.unet_batches += 2
         stats.tokenizations += 2
-        return e_u + guidance * (e_c - e_u)
+        return self._as_eps(e_u + guidance * (e_c - e_u), x, t)

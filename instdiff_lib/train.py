@@ -10,7 +10,7 @@
 
 What is trained, and how (the official recipe, adapted to training *everything* from scratch):
 
-* Objective: epsilon prediction, MSE, ``t ~ U{0..999}`` on the LDM "linear" schedule
+* Objective: the model config's ``schedule.prediction_type`` (shapes-mini: v, else epsilon), MSE, ``t ~ U{0..999}`` on the LDM "linear" schedule
   (:func:`instdiff_lib.sampler.alphas_cumprod`), ``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps``; ``x_0`` is the
   image in [-1, 1] folded by the model's parameter-free space-to-depth "autoencoder".
 * Conditioning, as at inference: global caption -> text tower ``last_hidden_state`` (77 tokens, EOS padded);
@@ -99,7 +99,7 @@ class TrainConfig:
     data_seed: int = 0
     image_size: int = 64
     batch_size: int = 16
-    lr: float = 5e-4
+    lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_steps: int = 100
     steps: int | None = None  # total steps (this or `minutes`, or both: whichever comes first)
@@ -406,7 +406,8 @@ def conditioning(model: Trainable, batch: dict[str, torch.Tensor], null: torch.T
 def diffusion_loss(model: Trainable, vae, batch: dict[str, torch.Tensor], t: torch.Tensor, noise: torch.Tensor,
                    acp: torch.Tensor, drop: DropFlags | None = None, null: torch.Tensor | None = None,
                    drop_caption: torch.Tensor | None = None) -> torch.Tensor:
-    """Epsilon-prediction MSE of one batch at timesteps ``t`` with noise ``noise`` (fusers on, gate 1).
+    """Diffusion MSE (eps or v target, per the model config) of one batch at timesteps ``t`` with noise ``noise``
+    (fusers on, gate 1).
 
     ``vae`` maps images in [-1, 1] to latents (``encode_latents``, the space-to-depth fold); ``acp`` is
     ``alphas_cumprod``; ``drop=None`` keeps every modality (``DropFlags.preset("all")``).
@@ -416,8 +417,12 @@ def diffusion_loss(model: Trainable, vae, batch: dict[str, torch.Tensor], t: tor
     xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
     context, grounding = conditioning(model, batch, null, drop_caption)
     objs = model.unet.tokenize(grounding, drop=drop or DropFlags.preset("all"))
-    eps = model.unet(xt, t, context, objs, gate=1)
-    return F.mse_loss(eps.float(), noise)
+    out = model.unet(xt, t, context, objs, gate=1)
+    if model.unet.cfg.schedule.prediction_type == "v_prediction":
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0
+    else:
+        target = noise
+    return F.mse_loss(out.float(), target)
 
 
 # ---- the trainer ----------------------------------------------------------------------------------
@@ -753,4 +758,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_cmd_train_shapes)
+    from .shapes_eval import add_evaluator_parsers
+
+    add_evaluator_parsers(tsub)  # instdiff train shapes-yolo | shapes-clip
     return s

@@ -1,0 +1,190 @@
+"""Running the report's notebooks headless (papermill) and rendering them (nbconvert).
+
+    instdiff report notebook 10_location_formats --profile smoke      # one notebook, params from jobs/params
+    instdiff report all --profile smoke                                # every notebook in order, then the blog
+    instdiff report generate --profile full --shard 3/16               # the generation array (SLURM) of 10 and 11
+
+Parameters come from ``jobs/params/<profile>/<notebook>.yaml`` (the same files the SLURM jobs use), overriding
+the literals of the notebook's ``parameters`` cell. Executed notebooks go to
+``outputs/report/<profile>/<notebook>.ipynb`` and ``.html``; the notebooks write ``results/<notebook>.json``
+and ``figures/<notebook>__<name>.png`` themselves. Notebooks run with ``notebooks/`` as working directory,
+exactly as JupyterLab runs them (library paths are anchored at the project root, not the cwd).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..results import PROFILES, project_root
+
+NOTEBOOKS = ("00_setup_check", "01_demos", "10_location_formats", "11_attribute_binding", "20_ablations",
+             "30_extension", "99_blogpost")
+GENERATION_NOTEBOOKS = ("10_location_formats", "11_attribute_binding")
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised; the executed copy (with the traceback) is kept."""
+
+
+def notebook_path(name: str) -> Path:
+    if name not in NOTEBOOKS:
+        raise ValueError(f"unknown notebook {name!r}; the report's notebooks are {list(NOTEBOOKS)}")
+    return project_root() / "notebooks" / f"{name}.ipynb"
+
+
+def params_path(name: str, profile: str) -> Path:
+    return project_root() / "jobs" / "params" / profile / f"{name}.yaml"
+
+
+def load_params(name: str, profile: str, params_file: str | os.PathLike | None = None,
+                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The papermill parameters of a notebook run: the params file (default: the profile's) plus overrides.
+
+    Every key must be a parameter of the notebook (a typo would otherwise be silently ignored by papermill)."""
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
+    path = Path(params_file) if params_file else params_path(name, profile)
+    if not path.exists():
+        raise FileNotFoundError(f"params file {path} not found")
+    params = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"{path}: expected a mapping of parameter names to values")
+    params.update(overrides or {})
+    declared = notebook_parameters(notebook_path(name))
+    unknown = sorted(set(params) - set(declared))
+    if unknown:
+        raise ValueError(f"{path}: {unknown} are not parameters of {name}.ipynb (it has {sorted(declared)})")
+    if params.get("SMOKE", declared.get("SMOKE")) != (profile == "smoke"):
+        raise ValueError(f"{path}: SMOKE={params.get('SMOKE')!r} contradicts profile {profile!r}")
+    return params
+
+
+def notebook_parameters(path: Path) -> dict[str, Any]:
+    """The literals of a notebook's ``parameters`` cell (parsed with ``ast``, never executed)."""
+    import ast
+
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    cells = [c for c in nb.cells if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])]
+    if len(cells) != 1:
+        raise ValueError(f"{path}: expected exactly one cell tagged 'parameters', found {len(cells)}")
+    out = {}
+    for node in ast.parse(cells[0].source).body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            raise ValueError(f"{path}: the parameters cell may only hold NAME = literal lines")
+        out[node.targets[0].id] = ast.literal_eval(node.value)
+    return out
+
+
+def run_notebook(name: str, profile: str = "smoke", params_file: str | os.PathLike | None = None,
+                 overrides: dict[str, Any] | None = None, out_dir: str | os.PathLike | None = None,
+                 html: bool = True, progress: bool = True) -> Path:
+    """Execute ``notebooks/<name>.ipynb`` with papermill; returns the executed copy. Raises :class:`NotebookFailed`."""
+    import papermill as pm
+
+    from ..offline import setup_offline_env
+
+    setup_offline_env()  # inherited by the kernel: offline ultralytics / HF settings
+    params = load_params(name, profile, params_file, overrides)
+    out = Path(out_dir) if out_dir else project_root() / "outputs" / "report" / profile
+    out.mkdir(parents=True, exist_ok=True)
+    executed = out / f"{name}.ipynb"
+    t0 = time.perf_counter()
+    print(f"[report] {name} ({profile}) with {params}", flush=True)
+    try:
+        pm.execute_notebook(str(notebook_path(name)), str(executed), parameters=params, kernel_name="python3",
+                            cwd=str(notebook_path(name).parent), progress_bar=progress, log_output=False)
+    except pm.PapermillExecutionError as e:
+        raise NotebookFailed(f"{name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} (executed copy with the "
+                             f"traceback: {executed})") from None
+    finally:
+        if html and executed.exists():
+            to_html(executed)
+    print(f"[report] {name} done in {time.perf_counter() - t0:.1f} s -> {executed}", flush=True)
+    return executed
+
+
+def to_html(executed: Path) -> Path:
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
+    target = executed.with_suffix(".html")
+    target.write_text(body, encoding="utf-8")
+    return target
+
+
+def run_all(profile: str = "smoke", only: list[str] | None = None, html: bool = True) -> list[Path]:
+    """Every notebook in report order (or ``only`` those); stops at the first failure."""
+    names = [n for n in NOTEBOOKS if not only or n in only]
+    return [run_notebook(n, profile, html=html) for n in names]
+
+
+def effective_params(name: str, profile: str, params_file: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The values a notebook run will see: its parameters cell's literals, overridden by the params file."""
+    return {**notebook_parameters(notebook_path(name)), **load_params(name, profile, params_file)}
+
+
+def generate_shard(profile: str, shard: tuple[int, int], progress: bool = True) -> dict[str, int]:
+    """Generate shard ``shard`` of the images of the generation notebooks (10 and 11) into the very folders the
+    notebooks read (they then find them done and only score). For SLURM array jobs; resumable."""
+    from ..experiments import generate_variant
+    from .context import NotebookRun
+    from .sections import _base_variant, _out_root, world_of
+
+    counts = {"generated": 0, "reused": 0}
+    for name in GENERATION_NOTEBOOKS:
+        run = NotebookRun(name, effective_params(name, profile))
+        world = world_of(run)
+        p = run.params
+        for setting in p["SETTINGS"]:
+            for seed in p["SEEDS"]:
+                s = generate_variant(world, _base_variant(run, setting), seed, _out_root(run), p["N_IMAGES"],
+                                     shard=shard, progress=progress)
+                counts["generated"] += s.n_generated
+                counts["reused"] += s.n_skipped
+    return counts
+
+
+def add_report_parser(sub) -> None:
+    """``instdiff report notebook|all|generate|blog`` (registered by ``cli.py``)."""
+    from ..evalgen import parse_shard
+
+    r = sub.add_parser("report", help="run the report's notebooks (papermill), its generation shards, its blog")
+    rs = r.add_subparsers(dest="report_command", required=True)
+    nb = rs.add_parser("notebook", help="run one notebook with papermill (params: jobs/params/<profile>/<name>.yaml)")
+    nb.add_argument("name", choices=NOTEBOOKS)
+    nb.add_argument("--profile", choices=PROFILES, default="smoke")
+    nb.add_argument("--params", default=None, help="params YAML (default: the profile's)")
+    nb.add_argument("--no-html", action="store_true")
+    nb.set_defaults(func=lambda a: _ok(run_notebook(a.name, a.profile, a.params, html=not a.no_html)))
+    al = rs.add_parser("all", help="every notebook in order, then the blog (the report's main job)")
+    al.add_argument("--profile", choices=PROFILES, default="smoke")
+    al.add_argument("--only", nargs="+", choices=NOTEBOOKS, default=None)
+    al.add_argument("--no-html", action="store_true")
+    al.set_defaults(func=lambda a: _ok(run_all(a.profile, a.only, html=not a.no_html)))
+    g = rs.add_parser("generate", help="generate one shard of the evaluation images of notebooks 10 and 11")
+    g.add_argument("--profile", choices=PROFILES, default="smoke")
+    g.add_argument("--shard", type=parse_shard, default=(0, 1), help="I/N, 0-based (SLURM_ARRAY_TASK_ID/N)")
+    g.set_defaults(func=lambda a: _ok(print(generate_shard(a.profile, a.shard))))
+    b = rs.add_parser("blog", help="render blogpost.md from results/*.json")
+    b.add_argument("--out", default=None)
+
+    def _blog(a):
+        from .blog import render_blog
+
+        path, info = render_blog(a.out)
+        print(f"{path}: {info['tables']} tables from {', '.join(info['sources']) or 'no results'}")
+        return 0
+
+    b.set_defaults(func=_blog)
+
+
+def _ok(_: Any) -> int:
+    return 0
