@@ -7,7 +7,7 @@ OUT ?= outputs
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 PROFILE ?= smoke
-.PHONY: setup report lab demo test test-fast bench clean
+.PHONY: setup report lab demo test test-fast bench bench-quality clean
 
 $(STAMP): pyproject.toml requirements.lock
 	@$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"Python 3.11 required, found {sys.version.split()[0]} (set PY=/path/to/python3.11)"'
@@ -29,10 +29,10 @@ lab: $(STAMP)
 
 ## Demo images from our layout files with the embedded default model.
 demo: $(STAMP)
-	$(BIN)/instdiff generate layouts/boxes_kitchen_animals.json --out $(OUT)/demo --steps 25 --num-images 2
-	$(BIN)/instdiff generate layouts/masks_street.json --out $(OUT)/demo --steps 25 --num-images 2
-	$(BIN)/instdiff generate layouts/mixed_formats.json --out $(OUT)/demo --steps 25 --num-images 2 --drop all
-	@echo "demo images in $(OUT)/demo (model: the embedded default; see README)"
+	$(BIN)/instdiff generate layouts/shapes/boxes.json --out $(OUT)/demo --steps 25 --guidance 3 --alpha 1 --num-images 2 --drop box
+	$(BIN)/instdiff generate layouts/shapes/masks.json --out $(OUT)/demo --steps 25 --guidance 3 --alpha 1 --num-images 2 --drop all
+	$(BIN)/instdiff generate layouts/shapes/mixed.json --out $(OUT)/demo --steps 25 --guidance 3 --alpha 1 --num-images 2 --drop all
+	@echo "demo images in $(OUT)/demo (model: the committed Shapes mini model, models/shapes-mini; see README)"
 
 ## All tests (CPU, minutes). The parity tests read ../shared/parity (or $$INSTDIFF_PARITY_DIR).
 test: $(STAMP)
@@ -40,6 +40,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/instdiff bench --config tiny --steps 10 --instances 4
+
+## The Shapes mini model's quality bar (box AP50 >= 0.5, attribute accuracy above chance); CPU, minutes.
+bench-quality: $(STAMP)
+	$(BIN)/instdiff bench --quality
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -172,3 +172,40 @@ def run_metrics_bench(n_images: int = 200, n_gt: int = 7, n_pred: int = 100, siz
                                                                      "detector": round(detector, 5)},
             "scoring_over_detector": round(scoring / detector, 3),
             "projected_5000_images_s": {"detector": round(5000 * detector, 1), "all_scoring": round(5000 * scoring, 1)}}
+
+
+# ---- the Shapes quality bar (issue 4) ----------------------------------------------------------------------
+QUALITY_BARS = {"box_AP50": 0.5}  # and attribute accuracy clearly above chance (1 / vocabulary size)
+
+
+def run_quality_bench(n_images: int = 48, seeds: tuple[int, ...] = (0, 1, 2), steps: int = 25, guidance: float = 3.0,
+                      alpha: float = 1.0, mis: float = 0.36, out_root: str | None = None, model: str | None = None,
+                      progress: bool = True) -> dict:
+    """The committed Shapes mini model against its quality bar: box AP50 under the Shapes detector with boxes only
+    (setting ``box``), and colour / texture accuracy vs chance; mean and 95% CI over ``seeds``, the real-image
+    upper bound beside them. Images go to ``out_root`` (default ``outputs/bench/quality``; reruns resume)."""
+    from .experiments import Variant, aggregate, real_control, run_grid
+    from .results import project_root
+    from .world import shapes_world
+
+    world = shapes_world(n_val=max(200, n_images), model=model)
+    out = out_root or str(project_root() / "outputs" / "bench" / "quality")
+    variants = [Variant(s, s, steps=steps, guidance=guidance, alpha=alpha, mis=mis) for s in ("box", "color", "texture")]
+    rows = aggregate(run_grid(world, variants, seeds, out, n_images, progress=progress))
+    real = real_control(world, n_images, settings=("box", "color", "texture"))["metrics"]
+    chance = {a: 1.0 / len(v) for a, v in world.attribute_vocab.items()}
+    box = rows["box"]["metrics"]["box_AP50"]
+    report = {"model": world.pipeline().c.label, "n_images_per_seed": n_images, "seeds": list(seeds),
+              "sampler": {"steps": steps, "guidance": guidance, "alpha": alpha, "mis": mis},
+              "box_AP50": box, "box_AP50_real_images": real.get("box_AP50"),
+              "box_AP50_bar": QUALITY_BARS["box_AP50"], "box_AP50_pass": box["mean"] >= QUALITY_BARS["box_AP50"]}
+    for a in ("color", "texture"):
+        acc = rows[a]["metrics"]["attr_acc"]
+        report[f"{a}_acc"] = acc
+        report[f"{a}_acc_real_images"] = real.get(f"{a}_acc")
+        report[f"{a}_chance"] = chance[a]
+        report[f"{a}_acc_over_chance"] = acc["mean"] / chance[a]
+        # "clearly above chance": the lower end of the 95% CI is above chance
+        lo = acc["mean"] - (acc["ci95"] if acc["ci95"] == acc["ci95"] else 0.0)
+        report[f"{a}_pass"] = lo > chance[a]
+    return report

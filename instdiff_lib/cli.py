@@ -72,6 +72,16 @@ def cmd_download(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench, run_metrics_bench
 
+    if args.quality:
+        from .bench import run_quality_bench
+
+        report = run_quality_bench(n_images=args.quality_images, steps=args.steps if args.steps != 10 else 25,
+                                   guidance=args.guidance, mis=args.mis)
+        print(json.dumps(report, indent=2))
+        for key in ("box_AP50", "color", "texture"):
+            ok = report[f"{key}_pass"]
+            print(f"{key:9s} {'PASS' if ok else 'FAIL'}")
+        return 0
     if args.metrics:
         report = run_metrics_bench(n_images=args.metrics_images, yolo=args.yolo, device=_device(args.device))
         print(json.dumps(report, indent=2))
@@ -194,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate images from a layout JSON (official demo format)")
     g.add_argument("layout", help="layout JSON file")
     g.add_argument("--out", required=True, help="output folder")
-    g.add_argument("--model", default="tiny", help="preset name (random init), converted folder, or official .pth")
+    g.add_argument("--model", default=None, help="converted folder, official .pth, or preset name (random init); "
+                   "default: the committed Shapes mini model (models/shapes-mini)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--steps", type=int, default=50)
     g.add_argument("--guidance", type=float, default=7.5)
@@ -239,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--metrics", action="store_true", help="instead: scoring cost per image vs the detector's")
     b.add_argument("--metrics-images", type=int, default=200)
     b.add_argument("--yolo", default="yolov8m-seg.yaml")
+    b.add_argument("--quality", action="store_true",
+                   help="instead: the Shapes mini model's quality bar (box AP50, attribute accuracy vs chance)")
+    b.add_argument("--quality-images", type=int, default=48)
+    b.add_argument("--guidance", type=float, default=3.0)
     b.set_defaults(func=cmd_bench)
     da = sub.add_parser("data", help="datasets: COCO val2017, its 512x512 resized instances, the Shapes world")
     dsub = da.add_subparsers(dest="data_command", required=True)

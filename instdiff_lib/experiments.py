@@ -50,8 +50,15 @@ class Variant:
             raise ValueError(f"setting must be one of {[s for s in SETTINGS if s != 'real']}, got {self.setting!r}")
 
     def key(self) -> str:
+        """Hash of what the images depend on (not the name). ``drop=None`` counts as the setting's own preset and
+        ``skip_mode=None`` as the config default "scaleu" (a model configured otherwise is caught by
+        ``generate_eval``'s configuration check, never silently mixed)."""
+        from .config import ModelConfig
+
         d = asdict(self)
         d.pop("name")
+        d["drop"] = self.drop or SETTINGS[self.setting]["drop"]
+        d["skip_mode"] = self.skip_mode or ModelConfig().skip_mode
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -130,7 +137,7 @@ def run_variant(world, variant: Variant, seed: int, out_root: str | Path, n_imag
     n_eval = max((v["n_evaluated"] for v in score["metrics"].values() if isinstance(v, dict) and "n_evaluated" in v),
                  default=0)
     return RunRecord(variant, seed, str(folder), flat_metrics(score), score["n_images"], summary.n_generated,
-                     summary.n_skipped, round(summary.seconds, 2), per_image)
+                     summary.n_skipped_existing, round(summary.seconds, 2), per_image)
 
 
 def run_grid(world, variants: Iterable[Variant], seeds: Sequence[int], out_root: str | Path, n_images: int, *,

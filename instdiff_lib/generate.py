@@ -48,13 +48,18 @@ def refine_images(images: list[Image.Image], prompt: str, strength: float, devic
     return [pipe(prompt=prompt, image=img, strength=strength, num_inference_steps=20).images[0] for img in images]
 
 
-def generate_from_layout(layout_path: str | Path, out_dir: str | Path, model: str = "tiny", seed: int = 0,
+def generate_from_layout(layout_path: str | Path, out_dir: str | Path, model: str | None = None, seed: int = 0,
                          steps: int = 50, guidance: float = 7.5, alpha: float = 0.8, mis: float = 0.36,
                          num_images: int = 1, device: str = "cpu", dtype: torch.dtype = torch.float32,
                          drop: str = "mask", negative_prompt: str | None = None, truncate: bool = False,
                          refine: float = 0.0, overwrite: bool = False, verify: bool = True, method: str = "plms",
                          pipe=None) -> list[Path]:
     from .pipeline import DEFAULT_NEGATIVE_PROMPT, InstanceDiffusionPipeline
+    from .world import default_model, recommended_negative_prompt
+
+    model = model or default_model()
+    if negative_prompt is None:
+        negative_prompt = recommended_negative_prompt(model)
 
     layout_path = Path(layout_path)
     layout = Layout.from_json(layout_path, truncate=truncate)  # validates before any model is loaded
@@ -63,7 +68,7 @@ def generate_from_layout(layout_path: str | Path, out_dir: str | Path, model: st
     stem = layout_path.stem
     params = {"layout": layout.to_json(), "model": model, "seed": seed, "steps": steps, "guidance": guidance,
               "alpha": alpha, "mis": mis, "num_images": num_images, "drop": drop, "method": method,
-              "negative_prompt": negative_prompt or DEFAULT_NEGATIVE_PROMPT, "refine": refine,
+              "negative_prompt": DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt, "refine": refine,
               "dtype": str(dtype)}
     key = params_hash(params)
     image_paths = [out / f"{stem}__seed{seed}__{k}.png" for k in range(num_images)]

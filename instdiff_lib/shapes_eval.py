@@ -7,7 +7,7 @@ only the weights differ.
 * **Detector**: an ultralytics YOLOv8n-seg built from its bundled yaml (random init, nothing downloaded),
   trained on the Shapes train split exported to YOLO-seg format (one polygon per instance: the outline of
   the largest connected part of its visible mask). 6 classes = the shapes; class k is COCO category k + 1
-  (``class_map="index+1"``). Images are 64 px; the detector runs at ``YOLO_IMGSZ`` (128, letterboxed up).
+  (``class_map="index+1"``). Images and the detector input are 64 px (``YOLO_IMGSZ``; shapes are 15-33 px).
 * **CLIP**: an open_clip model from the config :data:`SHAPES_CLIP_CONFIG` (ViT, 32 px input), trained from
   scratch contrastively on instance crops (cut with the metric's own ``crop_instance``) and whole images. A
   crop's text is drawn from its instance caption ("a red striped circle") and the zero-shot templates of the
@@ -38,7 +38,7 @@ from .fileio import atomic_write_text, sha256_file
 from .layout import decode_mask
 from .shapes import COLORS, SHAPES, TEXTURES, ShapesSplit
 
-YOLO_IMGSZ = 128
+YOLO_IMGSZ = 64
 YOLO_WEIGHTS = "shapes_yolo.pt"
 CLIP_WEIGHTS = "shapes_clip.pt"
 CLIP_CONFIG_FILE = "shapes_clip_config.json"
@@ -104,9 +104,9 @@ def export_yolo_seg(splits: dict[str, ShapesSplit], out_dir: str | os.PathLike) 
 
 @dataclass
 class YoloTrainConfig:
-    n_train: int = 2000  # first images of the Shapes train split
+    n_train: int = 1500  # first images of the Shapes train split
     n_val: int = 200  # images of a held-out "yoloval" split (never the report's val split)
-    epochs: int = 30
+    epochs: int = 20
     imgsz: int = YOLO_IMGSZ
     batch: int = 32
     seed: int = 0
@@ -127,7 +127,7 @@ def train_shapes_yolo(data_root: str | os.PathLike, out_dir: str | os.PathLike, 
     setup_offline_env()
     from ultralytics import YOLO
 
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # ultralytics puts a relative `project` under its own runs/ folder
     out.mkdir(parents=True, exist_ok=True)
     root = Path(data_root)
     train = _train_split(root, cfg.n_train, cfg.data_seed, 64)
@@ -144,12 +144,18 @@ def train_shapes_yolo(data_root: str | os.PathLike, out_dir: str | os.PathLike, 
     best = work / "run" / "weights" / "best.pt"
     if not best.exists():
         best = work / "run" / "weights" / "last.pt"
-    target = out / YOLO_WEIGHTS
-    shutil.copyfile(best, target)  # ultralytics saves fp16 weights without optimizer state (strip_optimizer)
     metrics = {k: float(v) for k, v in (getattr(model.trainer, "metrics", None) or {}).items()}
+    return _yolo_summary(out, cfg, secs, metrics, best, label=str(out_dir))
+
+
+def _yolo_summary(out: Path, cfg: YoloTrainConfig, secs: float, metrics: dict, best: Path,
+                  label: str) -> dict[str, Any]:
+    target = out / YOLO_WEIGHTS
+    if best.resolve() != target.resolve():
+        shutil.copyfile(best, target)  # ultralytics saves fp16 weights without optimizer state (strip_optimizer)
     summary = {"config": asdict(cfg), "train_seconds": round(secs, 1), "val_metrics_yoloval": metrics,
                "weights": target.name, "sha256": sha256_file(target), "bytes": target.stat().st_size,
-               "reproduce": f"instdiff train shapes-yolo --out {out} --epochs {cfg.epochs} --n-train {cfg.n_train}"}
+               "reproduce": f"instdiff train shapes-yolo --out {label} --epochs {cfg.epochs} --n-train {cfg.n_train}"}
     atomic_write_text(out / "shapes_yolo.json", json.dumps(summary, indent=2))
     return summary
 

@@ -27,6 +27,23 @@ def models_dir() -> Path:
     return Path(os.environ.get("INSTDIFF_MODELS_DIR", project_root() / "models"))
 
 
+def default_model() -> str:
+    """The embedded default model: the committed, CPU-trained Shapes mini model (``models/shapes-mini``)."""
+    return str(models_dir() / "shapes-mini")
+
+
+def recommended_negative_prompt(model: str) -> str | None:
+    """"" for the Shapes mini model (trained with the empty prompt as its unconditional caption), else None (the
+    caller's default: SD1.5's negative prompt)."""
+    cfg = Path(model) / "model_config.json"
+    if cfg.exists():
+        import json
+
+        if json.loads(cfg.read_text()).get("name") == "shapes-mini":
+            return ""
+    return None
+
+
 @dataclass
 class World:
     name: str  # "shapes" | "coco"

@@ -88,6 +88,7 @@ def test_aggregate_and_ablation_variants():
     assert [v.name for _, v in pairs] == ["mis=0.0", "mis=0.36", "alpha=0.0"]
     assert pairs[1][1].key() == base.key()  # the base value: same folder, images reused
     assert pairs[0][1].key() != base.key()
+    assert Variant("m", "mask", steps=5, drop="mask").key() == base.key()  # the setting's own preset
     recs = [RunRecord(base, s, "f", {"box_AP50": v}, 10, 10, 0, 1.0) for s, v in enumerate([0.2, 0.4])]
     rows = aggregate(recs)
     assert rows["base"]["metrics"]["box_AP50"]["mean"] == pytest.approx(0.3)

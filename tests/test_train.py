@@ -197,7 +197,7 @@ def test_resume_is_bit_identical_and_export_loads(tmp_path, data_dir, dataset, o
     with pytest.raises(ValueError, match="--resume"):
         Trainer(_cfg(tmp_path / "b", data_dir, steps=6), data=dataset)
     with pytest.raises(ValueError, match="different settings"):
-        Trainer(_cfg(tmp_path / "b", data_dir, steps=6, lr=1e-3, resume=True), data=dataset)
+        Trainer(_cfg(tmp_path / "b", data_dir, steps=6, lr=3e-4, resume=True), data=dataset)
     resumed_trainer = Trainer(_cfg(tmp_path / "b", data_dir, steps=6, resume=True), data=dataset)
     assert resumed_trainer.step == 3
     resumed = resumed_trainer.run()

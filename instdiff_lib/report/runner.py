@@ -148,7 +148,7 @@ def generate_shard(profile: str, shard: tuple[int, int], progress: bool = True) 
                 s = generate_variant(world, _base_variant(run, setting), seed, _out_root(run), p["N_IMAGES"],
                                      shard=shard, progress=progress)
                 counts["generated"] += s.n_generated
-                counts["reused"] += s.n_skipped
+                counts["reused"] += s.n_skipped_existing
     return counts
 
 
