@@ -81,6 +81,15 @@ def real_in_gt_frame(files: list[tuple[int, Path]], items_by_id: dict, cache: Pa
     return out
 
 
+def attribute_items(items) -> list:
+    """Protocol items -> ``AttributeItem`` (COCO ``[x, y, w, h]`` boxes in the item's GT frame)."""
+    from .metrics.clip_metrics import AttributeItem
+
+    return [AttributeItem(it.image_id, it.width, it.height,
+                          [[x0 * it.width, y0 * it.height, (x1 - x0) * it.width, (y1 - y0) * it.height]
+                           for x0, y0, x1, y1 in it.boxes], it.phrases, it.attributes) for it in items]
+
+
 def _pack(result) -> dict:
     return {"values": result.values, "n_evaluated": result.n_evaluated, "n_skipped": result.n_skipped,
             "skipped": [list(map(str, s)) for s in result.skipped[:50]]}
@@ -142,17 +151,12 @@ def score_setting(setting: str, *, instances_json, captions_json=None, images_di
         timing["scoring"] = time.perf_counter() - t
 
     if attribute is not None:
-        from .metrics.clip_metrics import AttributeItem, attribute_binding, load_clip
+        from .metrics.clip_metrics import attribute_binding, load_clip
         from .metrics.clip_metrics import COLORS as CLIP_COLORS
         from .coco import TEXTURES_COCO
 
         clip = clip if clip is not None else load_clip(device=device)
-        attr_items = []
-        for i in ids:
-            it = by_id[i]
-            boxes = [[x0 * it.width, y0 * it.height, (x1 - x0) * it.width, (y1 - y0) * it.height]
-                     for x0, y0, x1, y1 in it.boxes]
-            attr_items.append(AttributeItem(i, it.width, it.height, boxes, it.phrases, it.attributes))
+        attr_items = attribute_items([by_id[i] for i in ids])
         vocab = attribute_vocab or (CLIP_COLORS if attribute == "color" else TEXTURES_COCO)
         t = time.perf_counter()
         metrics["attribute"] = _pack(attribute_binding(attr_items, dict(files), clip, vocab, batch_size=64))

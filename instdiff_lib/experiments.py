@@ -178,8 +178,8 @@ def real_control(world, n_images: int, settings: Sequence[str] = ("box", "point"
     Box/mask AP and mask IoU through ``score_setting("real")``; PiM and attribute binding by calling the metric
     functions on the real files (the generated-image guard would rightly refuse them in a generated setting).
     """
-    from .evaluate import real_in_gt_frame
-    from .metrics.clip_metrics import AttributeItem, attribute_binding
+    from .evaluate import attribute_items, real_in_gt_frame
+    from .metrics.clip_metrics import attribute_binding
     from .metrics.pim import pim
 
     out: dict[str, float] = {}
@@ -202,10 +202,7 @@ def real_control(world, n_images: int, settings: Sequence[str] = ("box", "point"
     for attribute in ("color", "texture"):
         if attribute not in settings:
             continue
-        a_items = world.items(attribute, limit=n_images)
-        attr_items = [AttributeItem(it.image_id, it.width, it.height,
-                                    [[x0 * it.width, y0 * it.height, (x1 - x0) * it.width, (y1 - y0) * it.height]
-                                     for x0, y0, x1, y1 in it.boxes], it.phrases, it.attributes) for it in a_items]
+        attr_items = attribute_items(world.items(attribute, limit=n_images))
         vocab = (world.attribute_vocab or {}).get(attribute)
         kw = {"attribute_vocab": vocab} if vocab else {}
         r = attribute_binding(attr_items, dict(files), world.clip(), **kw)

@@ -67,6 +67,15 @@ def mask_polygon(mask: np.ndarray) -> np.ndarray | None:
     return c
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link to ``src`` at ``dst`` (a copy across file systems); an existing ``dst`` is kept."""
+    if not dst.exists():
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+
+
 def export_yolo_seg(splits: dict[str, ShapesSplit], out_dir: str | os.PathLike) -> Path:
     """Write ``out_dir/images/<name>/``, ``out_dir/labels/<name>/`` (one ``class x1 y1 x2 y2 ...`` line per
     instance, normalised) for each split and ``out_dir/data.yaml``; returns the yaml path."""
@@ -80,12 +89,7 @@ def export_yolo_seg(splits: dict[str, ShapesSplit], out_dir: str | os.PathLike) 
         img_dir.mkdir(parents=True, exist_ok=True)
         lab_dir.mkdir(parents=True, exist_ok=True)
         for img in inst["images"]:
-            src, dst = Path(split.image_dir) / img["file_name"], img_dir / img["file_name"]
-            if not dst.exists():
-                try:
-                    os.link(src, dst)
-                except OSError:
-                    shutil.copyfile(src, dst)
+            _link_or_copy(Path(split.image_dir) / img["file_name"], img_dir / img["file_name"])
             w, h = img["width"], img["height"]
             lines = []
             for a in anns_of.get(img["id"], []):
@@ -174,12 +178,7 @@ def _subset_split(split: ShapesSplit, n: int, out_dir: Path) -> ShapesSplit:
     atomic_write_text(paths["instances_json"], json.dumps(inst))
     atomic_write_text(paths["captions_json"], json.dumps(caps))
     for img in inst["images"]:
-        dst = paths["image_dir"] / img["file_name"]
-        if not dst.exists():
-            try:
-                os.link(Path(split.image_dir) / img["file_name"], dst)
-            except OSError:
-                shutil.copyfile(Path(split.image_dir) / img["file_name"], dst)
+        _link_or_copy(Path(split.image_dir) / img["file_name"], paths["image_dir"] / img["file_name"])
     return ShapesSplit(root=out_dir, n_images=len(keep), split="train", **paths)
 
 
