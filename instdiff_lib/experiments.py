@@ -130,7 +130,8 @@ def run_variant(world, variant: Variant, seed: int, out_root: str | Path, n_imag
     """Generate (resuming) and score one variant at one base seed."""
     folder = variant_folder(out_root, variant, seed)
     summary = generate_variant(world, variant, seed, out_root, n_images, progress=progress)
-    score = world.score(variant.setting, folder, fid=fid, progress=False)
+    # only the first n_images (a folder shared with a larger run, e.g. notebook 10's, may hold more)
+    score = world.score(variant.setting, folder, limit=n_images, fid=fid, progress=False)
     per_image = {}
     if "mask_iou" in score["metrics"]:
         per_image = score["metrics"]["mask_iou"].get("per_image", {})
