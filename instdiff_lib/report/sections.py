@@ -296,7 +296,8 @@ def ablations(run: NotebookRun) -> dict[str, Any]:
     run.figure(fig2, "instance_count")
     metrics = {"world": world.label, "rows": rows, "groups": groups, "by_instance_count": counts,
                "seed_variance": seed_variance, "base": rows["base"]["variant"], "model": world.pipeline().c.label}
-    run.write(metrics, n_evaluated=_n(rows), extra={"world": world.label})
+    # images scored once per (variant, seed) run; rows that name the base configuration share its images
+    run.write(metrics, n_evaluated=int(sum(r.n_evaluated for r in records)), extra={"world": world.label})
     return metrics
 
 
