@@ -297,7 +297,8 @@ def ablations(run: NotebookRun) -> dict[str, Any]:
     metrics = {"world": world.label, "rows": rows, "groups": groups, "by_instance_count": counts,
                "seed_variance": seed_variance, "base": rows["base"]["variant"], "model": world.pipeline().c.label}
     # images scored once per (variant, seed) run; rows that name the base configuration share its images
-    run.write(metrics, n_evaluated=int(sum(r.n_evaluated for r in records)), extra={"world": world.label})
+    scored = {(r.variant.key(), r.seed): r.n_evaluated for r in records}
+    run.write(metrics, n_evaluated=int(sum(scored.values())), extra={"world": world.label})
     return metrics
 
 
