@@ -176,30 +176,28 @@ def real_control(world, n_images: int, settings: Sequence[str] = ("box", "point"
                  ) -> dict[str, Any]:
     """The upper-bound row: the *real* val images scored by the same metric functions (no generation).
 
-    Box/mask AP and mask IoU through ``score_setting("real")``; PiM and attribute binding by calling the metric
-    functions on the real files (the generated-image guard would rightly refuse them in a generated setting).
+    One detector pass over the real files (in the GT frame) feeds box/mask AP, mask IoU and PiM; attribute binding
+    runs on the same files. The metric functions are called directly: the generated-image guard of
+    ``score_setting`` would rightly refuse real images in a generated setting.
     """
     from .evaluate import attribute_items, real_in_gt_frame
     from .metrics.clip_metrics import attribute_binding
+    from .metrics.detection import coco_ap, mask_iou, yolo_predict
     from .metrics.pim import pim
 
-    out: dict[str, float] = {}
-    score = world.score("real", None, limit=n_images)
-    out.update(flat_metrics(score))
     items = world.items(None, limit=n_images)
     files = real_in_gt_frame([(it.image_id, Path(world.real_image_dir) / it.file_name) for it in items],
                              {it.image_id: it for it in items})
     ids = [i for i, _ in files]
-    preds = None
+    kw = {"imgsz": world.imgsz} if world.imgsz else {}
+    preds = yolo_predict(world.detector(), files, device=world.device, class_map=world.class_map, **kw)
+    packed = {"box": coco_ap(world.instances_json, preds, "bbox", ids),
+              "mask": coco_ap(world.instances_json, preds, "segm", ids),
+              "mask_iou": mask_iou(world.instances_json, preds, ids)}
+    out: dict[str, float] = flat_metrics({"metrics": {k: {"values": v.values} for k, v in packed.items()}})
     for mode in ("point", "scribble"):
-        if mode not in settings:
-            continue
-        if preds is None:
-            from .metrics.detection import yolo_predict
-
-            kw = {"imgsz": world.imgsz} if world.imgsz else {}
-            preds = yolo_predict(world.detector(), files, device=world.device, class_map=world.class_map, **kw)
-        out[f"PiM_{mode}"] = float(pim(world.instances_json, preds, ids, mode=mode, seed=0).values["PiM"])
+        if mode in settings:
+            out[f"PiM_{mode}"] = float(pim(world.instances_json, preds, ids, mode=mode, seed=0).values["PiM"])
     for attribute in ("color", "texture"):
         if attribute not in settings:
             continue

@@ -201,7 +201,10 @@ class Sampler:
         """The (guided) model output as eps: identity for epsilon models; ``sqrt(a) v + sqrt(1 - a) x`` for v."""
         if self.schedule_cfg.prediction_type == "epsilon":
             return out
-        a = float(alphas_cumprod(self.schedule_cfg)[t])
+        cached = getattr(self, "_acp", None)
+        if cached is None or cached[0] is not self.schedule_cfg:  # the 1000-entry table once, not per step
+            self._acp = cached = (self.schedule_cfg, alphas_cumprod(self.schedule_cfg))
+        a = float(cached[1][t])
         return a ** 0.5 * out + (1.0 - a) ** 0.5 * x
 
     def _eps_reference(self, x, br, uc, null, t, gate, guidance, drop, stats) -> torch.Tensor:
