@@ -40,6 +40,10 @@ class UNetConfig:
     attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsample factors with attention
     num_heads: int = 8
     context_dim: int = 768
+    # Mini models trained from scratch only: append 2 fixed coordinate planes (x, y in [-1, 1]) to the UNet input,
+    # so that visual tokens know where they are when a fuser matches them against box tokens (a pretrained SD
+    # backbone has learnt this; a 30-minute CPU model has not). Official/SD configs: 0.
+    coord_channels: int = 0
 
     @property
     def block_out_channels(self) -> tuple[int, ...]:

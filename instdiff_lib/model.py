@@ -27,12 +27,24 @@ def diffusers_unet_kwargs(cfg: UNetConfig) -> dict:
     """
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attn_levels)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attn_levels))
-    return dict(sample_size=cfg.sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+    if cfg.coord_channels not in (0, 2):
+        raise ValueError(f"coord_channels must be 0 or 2 (x and y planes), got {cfg.coord_channels}")
+    return dict(sample_size=cfg.sample_size, in_channels=cfg.in_channels + cfg.coord_channels,
+                out_channels=cfg.out_channels,
                 down_block_types=down, up_block_types=up, mid_block_type="UNetMidBlock2DCrossAttn",
                 block_out_channels=cfg.block_out_channels, layers_per_block=cfg.num_res_blocks,
                 attention_head_dim=cfg.num_heads, cross_attention_dim=cfg.context_dim, norm_num_groups=32,
                 norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, act_fn="silu",
                 use_linear_projection=False, transformer_layers_per_block=1, attention_type="gated")
+
+
+def coordinate_planes(x: torch.Tensor) -> torch.Tensor:
+    """[B, 2, H, W]: pixel-centre x (column) and y (row) of ``x``'s grid, each in [-1, 1], same dtype/device."""
+    B, _, H, W = x.shape
+    ys = (torch.arange(H, device=x.device, dtype=torch.float32) + 0.5) / H * 2 - 1
+    xs = (torch.arange(W, device=x.device, dtype=torch.float32) + 0.5) / W * 2 - 1
+    planes = torch.stack([xs[None, :].expand(H, W), ys[:, None].expand(H, W)])
+    return planes.to(x.dtype).unsqueeze(0).expand(B, -1, -1, -1)
 
 
 class InstanceUNet(nn.Module):
@@ -99,6 +111,8 @@ class InstanceUNet(nn.Module):
         kwargs = {"gligen": {"objs": objs}} if objs is not None else None
         if t.ndim == 0:
             t = t.expand(x.shape[0])
+        if self.cfg.unet.coord_channels:
+            x = torch.cat([x, coordinate_planes(x)], dim=1)
         return self.unet(x, t, encoder_hidden_states=context, cross_attention_kwargs=kwargs).sample
 
     def n_params(self) -> int:

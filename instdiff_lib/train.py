@@ -84,7 +84,7 @@ EXPORT_DTYPES = ("float16", "float32")
 
 # Fields that may change when resuming (they do not affect the weights at a given step).
 RESUME_MUTABLE = frozenset({"steps", "minutes", "ckpt_every", "log_every", "out_dir", "figure", "export_dtype",
-                            "threads", "progress", "data_dir", "cache", "resume"})
+                            "threads", "progress", "data_dir", "cache", "resume", "device"})
 
 
 # ---- configuration ------------------------------------------------------------------------------
@@ -119,6 +119,7 @@ class TrainConfig:
     figure: str | None = "figures/train_shapes__loss.png"
     export_dtype: str = "float16"
     threads: int | None = None  # torch intra-op threads (None: leave as is)
+    device: str = "cpu"  # the committed model is trained on the CPU; "cuda" for quick recipe sweeps (not bit-equal)
     cache: bool = True  # cache the precomputed training set next to the split
     progress: bool = True
     resume: bool = False
@@ -391,7 +392,7 @@ def conditioning(model: Trainable, batch: dict[str, torch.Tensor], null: torch.T
     K = batch["inst_ids"].shape[1]
     sel = keep[:, :K]
     D = model.text.config.hidden_size
-    pos = torch.zeros(B, keep.shape[1], D, dtype=context.dtype)
+    pos = torch.zeros(B, keep.shape[1], D, dtype=context.dtype, device=context.device)
     if sel.any():
         pooled = model.text(input_ids=batch["inst_ids"][sel]).pooler_output  # [M, D], batch order, slot order
         pos = pos.index_put((*sel.nonzero(as_tuple=True),), pooled)
@@ -401,6 +402,10 @@ def conditioning(model: Trainable, batch: dict[str, torch.Tensor], null: torch.T
         g = {k: v * z.view(B, *([1] * (v.ndim - 1))) for k, v in g.items()}
     g["positive_embeddings"] = pos
     return context, g
+
+
+def _predicts_v(model: Trainable) -> bool:
+    return model.unet.cfg.schedule.prediction_type == "v_prediction"
 
 
 def diffusion_loss(model: Trainable, vae, batch: dict[str, torch.Tensor], t: torch.Tensor, noise: torch.Tensor,
@@ -418,11 +423,62 @@ def diffusion_loss(model: Trainable, vae, batch: dict[str, torch.Tensor], t: tor
     context, grounding = conditioning(model, batch, null, drop_caption)
     objs = model.unet.tokenize(grounding, drop=drop or DropFlags.preset("all"))
     out = model.unet(xt, t, context, objs, gate=1)
-    if model.unet.cfg.schedule.prediction_type == "v_prediction":
+    if _predicts_v(model):
         target = a.sqrt() * noise - (1 - a).sqrt() * x0
     else:
         target = noise
     return F.mse_loss(out.float(), target)
+
+
+@torch.no_grad()
+def grounding_gap(model: Trainable, vae, acp: torch.Tensor, data: ShapesTrainSet, n_images: int = 256,
+                  t_range: tuple[int, int] = (200, 1000), drop: str = "box", seed: int = 123,
+                  batch_size: int = 32) -> dict[str, float]:
+    """Does the model use its grounding? The diffusion loss of the first ``n_images`` of ``data`` with the true
+    grounding, with every image's grounding taken from the next image in the batch ("shuffled"), and with the null
+    grounding ("null"); same images, timesteps (uniform in ``t_range``) and noise for all three, captions kept,
+    modalities per the ``drop`` preset. A model that ignores its layout has gaps of ~0; each gap is the loss it
+    would lose without (or with the wrong) layout. Detector-free, cheap: a training-time diagnostic."""
+    if n_images < 2 or batch_size < 2:
+        raise ValueError("grounding_gap needs at least 2 images per batch (the shuffled grounding)")
+    device = acp.device
+    gen = torch.Generator().manual_seed(seed)
+    flags = DropFlags.preset(drop)
+    u = model.unet.cfg.unet
+    was_training = model.training
+    model.eval()
+    sums = {"true": 0.0, "shuffled": 0.0, "null": 0.0}
+    total = 0
+    try:
+        for b0 in range(0, min(n_images, len(data)), batch_size):
+            idx = np.arange(b0, min(b0 + batch_size, n_images, len(data)))
+            B = len(idx)
+            if B < 2:
+                break
+            batch = {k: v.to(device) for k, v in data.batch(idx).items()}
+            t = torch.randint(t_range[0], t_range[1], (B,), generator=gen).to(device)
+            noise = torch.randn(B, u.in_channels, u.sample_size, u.sample_size, generator=gen).to(device)
+            x0 = vae.encode_latents(batch["images"])
+            a = acp[t].view(-1, 1, 1, 1)
+            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            target = a.sqrt() * noise - (1 - a).sqrt() * x0 if _predicts_v(model) else noise
+            nxt = torch.roll(torch.arange(B, device=device), -1)
+            for kind in sums:
+                b, null = batch, None
+                if kind == "shuffled":
+                    b = dict(batch, **{k: batch[k][nxt] for k in ("boxes", "points", "scribbles", "polygons", "segs",
+                                                                    "masks", "inst_ids")})
+                elif kind == "null":
+                    null = torch.ones(B, dtype=torch.bool, device=device)
+                context, g = conditioning(model, b, null=null)
+                out = model.unet(xt, t, context, model.unet.tokenize(g, drop=flags), gate=1)
+                sums[kind] += float(((out.float() - target) ** 2).mean()) * B
+            total += B
+    finally:
+        model.train(was_training)
+    res = {k: v / total for k, v in sums.items()}
+    res.update(gap_null=res["null"] - res["true"], gap_shuffled=res["shuffled"] - res["true"], n_images=total)
+    return res
 
 
 # ---- the trainer ----------------------------------------------------------------------------------
@@ -463,8 +519,10 @@ class Trainer:
             with torch.no_grad():
                 f.alpha_attn.fill_(cfg.fuser_gate_init)
                 f.alpha_dense.fill_(cfg.fuser_gate_init)
-        self.model = Trainable(self.comp).train().requires_grad_(True)
-        self.acp = alphas_cumprod(self.model_cfg.schedule)
+        self.device = torch.device(cfg.device)
+        self.model = Trainable(self.comp).train().requires_grad_(True).to(self.device)
+        self.comp.vae.to(self.device)
+        self.acp = alphas_cumprod(self.model_cfg.schedule).to(self.device)
         decay, no_decay = [], []
         for _, p in self.model.named_parameters():
             (decay if p.ndim >= 2 else no_decay).append(p)
@@ -490,12 +548,18 @@ class Trainer:
     def n_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
     def train_step(self) -> tuple[float, float]:
         """One optimisation step at ``self.step``; returns (loss, grad norm before clipping)."""
         cfg = self.cfg
         idx = batch_indices(len(self.data), cfg.batch_size, cfg.seed, self.step)
-        batch = self.data.batch(idx)
+        batch = self._to_device(self.data.batch(idx))
         r = step_noise(cfg, self.model_cfg, self.step)
+        if self.device.type != "cpu":
+            r = dataclasses.replace(r, t=r.t.to(self.device), noise=r.noise.to(self.device),
+                                    null=r.null.to(self.device), drop_caption=r.drop_caption.to(self.device))
         loss = diffusion_loss(self.model, self.comp.vae, batch, r.t, r.noise, self.acp, r.drop, r.null, r.drop_caption)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -521,7 +585,8 @@ class Trainer:
             backup = {n: p.detach().clone() for n, p in self.model.named_parameters()}
             self._load_params(self.ema)
         try:
-            return float(diffusion_loss(self.model, self.comp.vae, batch, t, noise, self.acp))
+            return float(diffusion_loss(self.model, self.comp.vae, self._to_device(batch), t.to(self.device),
+                                        noise.to(self.device), self.acp))
         finally:
             if backup is not None:
                 self._load_params(backup)
@@ -556,7 +621,7 @@ class Trainer:
             raise ValueError(f"cannot resume {self.state_path}: its model config differs from {self.cfg.model!r}")
         self.model.load_state_dict(state["model"], strict=True)
         self.opt.load_state_dict(state["optimizer"])
-        self.ema = {n: state["ema"][n].clone() for n, _ in self.model.named_parameters()}
+        self.ema = {n: state["ema"][n].to(self.device).clone() for n, _ in self.model.named_parameters()}
         self.step, self.elapsed_s, self.window = int(state["step"]), float(state["elapsed_s"]), list(state["window"])
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
@@ -594,8 +659,8 @@ class Trainer:
         """A copy of the components holding the EMA weights (eval mode)."""
         comp = build_components(self.model_cfg, seed=self.cfg.seed)
         target = Trainable(comp)
-        sd = self.model.state_dict()
-        sd.update({n: v for n, v in self.ema.items()})
+        sd = {n: v.cpu() for n, v in self.model.state_dict().items()}
+        sd.update({n: v.cpu() for n, v in self.ema.items()})
         target.load_state_dict(sd, strict=True)
         comp.label = (f"{self.model_cfg.name} trained on Shapes ({self.cfg.n_train_images} train images, data seed "
                       f"{self.cfg.data_seed}), {self.step} steps, seed {self.cfg.seed}, EMA {self.cfg.ema_decay}")
@@ -724,7 +789,7 @@ def _cmd_train_shapes(args: argparse.Namespace) -> int:
                       steps=args.steps, minutes=args.minutes, ema_decay=args.ema_decay, ckpt_every=args.ckpt_every,
                       log_every=args.log_every, seed=args.seed, figure=args.figure or None,
                       export_dtype=args.export_dtype, threads=args.threads, progress=not args.no_progress,
-                      resume=args.resume)
+                      resume=args.resume, device=args.device)
     summary = train_shapes(cfg)
     print(json.dumps({k: v for k, v in summary.items() if k != "train_config"}, indent=2))
     return 0
@@ -756,6 +821,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--figure", default=d.figure, help="loss-curve PNG ('' for none)")
     s.add_argument("--export-dtype", choices=EXPORT_DTYPES, default=d.export_dtype)
     s.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    s.add_argument("--device", default=d.device,
+                   help="torch device (the committed model: cpu; cuda for recipe sweeps, not bit-equal to cpu)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_cmd_train_shapes)
     from .shapes_eval import add_evaluator_parsers

@@ -18,6 +18,7 @@ from instdiff_lib.train import (
     add_train_parser,
     batch_indices,
     conditioning,
+    grounding_gap,
     sample_drop_flags,
     step_noise,
 )
@@ -242,8 +243,9 @@ def test_cli_parser():
     a = p.parse_args(["train", "shapes", "--out", "x", "--steps", "5", "--batch-size", "8", "--seed", "3", "--resume"])
     assert (a.steps, a.minutes, a.batch_size, a.seed, a.resume, a.out) == (5, None, 8, 3, True, "x")
     assert callable(a.func)
-    b = p.parse_args(["train", "shapes", "--out", "x", "--minutes", "1.5"])
-    assert b.minutes == 1.5 and b.steps is None
+    assert a.device == "cpu"
+    b = p.parse_args(["train", "shapes", "--out", "x", "--minutes", "1.5", "--device", "cuda"])
+    assert b.minutes == 1.5 and b.steps is None and b.device == "cuda"
     with pytest.raises(SystemExit):
         p.parse_args(["train", "shapes", "--out", "x", "--minutes", "1", "--steps", "3"])
     with pytest.raises(ValueError):
@@ -257,3 +259,67 @@ def test_minutes_budget_counts_wall_time_once(tmp_path, data_dir, dataset):
     assert not tr.done()
     tr.elapsed_s = 60.0
     assert tr.done()
+
+
+# ---- diagnostics -----------------------------------------------------------------------------------
+def test_grounding_gap_equals_the_training_loss_with_true_wrong_and_null_layouts(tmp_path, data_dir, dataset):
+    """Each of the three losses is the training loss (``diffusion_loss``) of the same images, timesteps and noise
+    with the true layout, the next image's layout, and the null layout; with the fusers off the gaps are exactly 0."""
+    from instdiff_lib.train import diffusion_loss
+
+    tr = Trainer(_cfg(tmp_path, data_dir), data=dataset)
+    gap = grounding_gap(tr.model, tr.comp.vae, tr.acp, dataset, n_images=8, batch_size=4, seed=7)
+    assert gap["n_images"] == 8 and tr.model.training  # train mode restored
+    gen = torch.Generator().manual_seed(7)
+    ref = {"true": 0.0, "shuffled": 0.0, "null": 0.0}
+    tr.model.eval()
+    with torch.no_grad():
+        for b0 in (0, 4):
+            batch = dataset.batch(range(b0, b0 + 4))
+            t = torch.randint(200, 1000, (4,), generator=gen)
+            noise = torch.randn(4, 12, 32, 32, generator=gen)
+            wrong = dict(batch, **{k: batch[k][[1, 2, 3, 0]] for k in ("boxes", "points", "scribbles", "polygons",
+                                                                      "segs", "masks", "inst_ids")})
+            box = DropFlags.preset("box")
+            ref["true"] += float(diffusion_loss(tr.model, tr.comp.vae, batch, t, noise, tr.acp, box)) / 2
+            ref["shuffled"] += float(diffusion_loss(tr.model, tr.comp.vae, wrong, t, noise, tr.acp, box)) / 2
+            ref["null"] += float(diffusion_loss(tr.model, tr.comp.vae, batch, t, noise, tr.acp, box,
+                                                null=torch.ones(4, dtype=torch.bool))) / 2
+    for k, v in ref.items():
+        assert gap[k] == pytest.approx(v, rel=1e-6), k
+    assert gap["gap_null"] == pytest.approx(gap["null"] - gap["true"])
+    assert gap["gap_shuffled"] == pytest.approx(gap["shuffled"] - gap["true"])
+    tr.comp.unet.cfg = tr.comp.unet.cfg.replace(fusers=False)
+    off = grounding_gap(tr.model, tr.comp.vae, tr.acp, dataset, n_images=8, batch_size=4, seed=7)
+    assert off["gap_null"] == 0.0 and off["gap_shuffled"] == 0.0 and off["true"] != gap["true"]
+    with pytest.raises(ValueError):
+        grounding_gap(tr.model, tr.comp.vae, tr.acp, dataset, n_images=1)
+
+
+def test_coordinate_channels_train_export_and_load(tmp_path, data_dir, dataset):
+    """``unet.coord_channels = 2``: the UNet sees x/y planes beside the latents; trains, exports and loads back."""
+    import dataclasses
+
+    from instdiff_lib.model import coordinate_planes
+    from instdiff_lib.pipeline import InstanceDiffusionPipeline
+
+    planes = coordinate_planes(torch.zeros(2, 12, 4, 4))
+    assert planes.shape == (2, 2, 4, 4)
+    assert torch.allclose(planes[0, 0, 0], torch.tensor([-0.75, -0.25, 0.25, 0.75]))  # x along columns
+    assert torch.allclose(planes[0, 1, :, 0], torch.tensor([-0.75, -0.25, 0.25, 0.75]))  # y along rows
+    cfg = get_config("shapes-mini")
+    cfg = cfg.replace(unet=dataclasses.replace(cfg.unet, coord_channels=2))
+    path = tmp_path / "coord.json"
+    cfg.save(path)
+    tr = Trainer(_cfg(tmp_path, data_dir, model=str(path), steps=2, figure=None), data=dataset)
+    assert tr.comp.unet.unet.conv_in.in_channels == 14
+    summary = tr.run()
+    pipe = InstanceDiffusionPipeline.from_pretrained(summary["export"]["dir"])
+    assert pipe.cfg.unet.coord_channels == 2
+    layout = shapes_layouts(ShapesSplit.load(data_dir, "train"))[0][2]
+    img = pipe(layout, steps=2, guidance=2.0, mis=0.0, progress=False).images[0]
+    assert img.size == (64, 64)
+    bad = cfg.replace(unet=dataclasses.replace(cfg.unet, coord_channels=3))
+    with pytest.raises(ValueError, match="coord_channels"):
+        from instdiff_lib.model import InstanceUNet
+        InstanceUNet(bad)
