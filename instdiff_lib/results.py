@@ -31,12 +31,19 @@ def project_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
+# What a report run itself rewrites: changes there do not make the code that produced a result "dirty" (otherwise
+# every notebook after the first, and any rerun whose numbers move, would be stamped dirty by its siblings' output).
+REPORT_OUTPUTS = ("results", "figures", "blogpost.md")
+
+
 def git_state(root: Path | None = None) -> dict[str, Any]:
+    """HEAD's SHA and whether tracked files other than the report's own outputs (``REPORT_OUTPUTS``) differ from it."""
     root = root or project_root()
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                    capture_output=True, text=True, check=True).stdout.strip())
+        exclude = [f":(exclude){p}" for p in REPORT_OUTPUTS]
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *exclude],
+                                    cwd=root, capture_output=True, text=True, check=True).stdout.strip())
         return {"git_sha": sha, "git_dirty": dirty}
     except (OSError, subprocess.CalledProcessError):
         return {"git_sha": None, "git_dirty": None}
