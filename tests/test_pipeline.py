@@ -104,3 +104,18 @@ def test_refine_without_weights_fails_clearly(tmp_path, pipe):
 
     with pytest.raises(CheckpointError, match="SDXL refiner"):
         generate_from_layout("layouts/boxes_kitchen_animals.json", tmp_path, steps=1, mis=0.0, pipe=pipe, refine=0.3)
+
+
+def test_quality_bar_attribute_check_uses_the_majority_baseline():
+    import math
+
+    from instdiff_lib.bench import clearly_above_chance, majority_baseline
+
+    labels = ["checkered"] * 31 + ["solid"] * 26 + ["dotted"] * 24 + ["striped"] * 19
+    assert majority_baseline(labels) == 0.31 and math.isnan(majority_baseline([]))
+    acc = {"mean": 0.29, "ci95": 0.039}
+    assert (acc["mean"] - acc["ci95"]) > 0.25  # above 1/4 ...
+    assert not clearly_above_chance(acc, 0.25, labels)  # ... but not above always answering "checkered"
+    assert clearly_above_chance({"mean": 0.6, "ci95": 0.05}, 0.25, labels)
+    assert not clearly_above_chance({"mean": 0.6, "ci95": 0.05}, 0.25, ["solid"] * 10)  # majority 1.0
+    assert clearly_above_chance({"mean": 0.3, "ci95": float("nan")}, 0.25, [])  # one seed, no labels: vs 1/K
