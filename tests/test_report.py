@@ -114,8 +114,14 @@ def test_blog_tables_come_from_results(tmp_path, monkeypatch):
              "real": {"metrics": {"box_AP50": 0.97}, "n_images": 16}}
     write_results(res / "10_location_formats.json", smoke, params={"SMOKE": True}, n_evaluated=48, profile="smoke",
                   extra={"notebook": "10_location_formats"})
+    gap = {"true": 0.1, "shuffled": 0.102, "null": 0.13, "gap_null": 0.03, "gap_shuffled": 0.002, "n_images": 256}
+    write_results(res / "00_setup_check.json", {"image_seconds": 1.0}, params={"SMOKE": True}, n_evaluated=1,
+                  profile="smoke", extra={"setup": {"parity": None, "grounding_gap": gap, "model": "mini-x"},
+                                          "notebook": "00_setup_check"})
     out, info = render_blog(tmp_path / "blog.md", res)
     text = out.read_text()
+    assert "mini-x: diffusion loss on 256 Shapes train images" in text
+    assert "no layout 0.1300 (+30.00%)" in text and "layout 0.1020 (+2.00%)" in text
     assert "not run at full scale" in text
     assert "63.0 ±" in text  # mean of the smoke values, in the Shapes table
     paper_box = text.split("**boxes**")[1].split("**masks**")[0]

@@ -117,6 +117,18 @@ def _provenance_line(doc: dict) -> str:
             f"{dirty}, {prov.get('device')}, wall time {doc.get('wall_time_s')} s.*")
 
 
+def grounding_gap_paragraph(gap: dict, model: str) -> str:
+    """Does the default (Shapes) model use its layouts? The loss with the true, another image's, and no layout."""
+    def rel(x: float) -> str:
+        return f"{100 * x / gap['true']:+.2f}%"
+
+    return (f"**Does the default model use its layouts?** {model}: diffusion loss on {gap['n_images']} Shapes train "
+            f"images (boxes + captions, t in [200, 1000)) with the true layout {gap['true']:.4f}, with the next "
+            f"image's layout {gap['shuffled']:.4f} ({rel(gap['gap_shuffled'])}), with no layout {gap['null']:.4f} "
+            f"({rel(gap['gap_null'])}). A model that follows its layouts loses clearly more without them; the "
+            "images and tables below should be read with this number in mind.")
+
+
 def render_blog(out: str | os.PathLike | None = None, folder: Path | None = None) -> tuple[Path, dict]:
     docs = load_all(folder)
     out = Path(out) if out else project_root() / "blogpost.md"
@@ -140,6 +152,8 @@ def render_blog(out: str | os.PathLike | None = None, folder: Path | None = None
         parts += ["", _table(["check group", "checks", "passed", "max abs error"],
                              [[g, str(v["n"]), str(v["passed"]), f"{v['max_err']:.2e}"] for g, v in par.items()]),
                   "", _provenance_line(setup)]
+    if setup and isinstance(setup.get("setup", {}).get("grounding_gap"), dict):
+        parts += ["", grounding_gap_paragraph(setup["setup"]["grounding_gap"], setup["setup"].get("model", "?"))]
     parts.append("")
 
     demos = docs.get("01_demos")
