@@ -208,6 +208,8 @@ def run_quality_bench(n_images: int = 48, seeds: tuple[int, ...] = (0, 1, 2), st
         report[f"{a}_majority_baseline"] = majority_baseline(labels)
         report[f"{a}_acc_over_chance"] = acc["mean"] / chance[a]
         report[f"{a}_pass"] = clearly_above_chance(acc, chance[a], labels)
+    from .train import model_grounding_gap
+
     report["grounding_loss_gap"] = model_grounding_gap(world.pipeline().c)
     return report
 
@@ -227,19 +229,3 @@ def clearly_above_chance(acc: dict, chance: float, labels: list[str]) -> bool:
     half = acc["ci95"] if acc["ci95"] == acc["ci95"] else 0.0  # nan (one seed): no interval
     baseline = max(chance, majority_baseline(labels)) if labels else chance
     return acc["mean"] - half > baseline
-
-
-def model_grounding_gap(comp, n_images: int = 256, data_root: str | None = None, data_seed: int = 0) -> dict:
-    """:func:`instdiff_lib.train.grounding_gap` of a loaded Shapes model on the first ``n_images`` Shapes train
-    images (boxes + captions): how much loss the model loses with the null or a wrong layout."""
-    from .results import project_root
-    from .sampler import alphas_cumprod
-    from .train import ShapesTrainSet, Trainable, grounding_gap
-
-    cfg = comp.cfg
-    root = data_root or str(project_root() / "outputs" / "data" / "shapes")
-    data = ShapesTrainSet(root, n_images, data_seed, cfg.image_size, seg_size=cfg.unifusion.seg_input_size,
-                          n_slots=cfg.unifusion.n_slots)
-    device = next(comp.unet.parameters()).device
-    res = grounding_gap(Trainable(comp), comp.vae, alphas_cumprod(cfg.schedule).to(device), data, n_images)
-    return {k: round(v, 6) if isinstance(v, float) else v for k, v in res.items()}

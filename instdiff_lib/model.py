@@ -68,6 +68,7 @@ class InstanceUNet(nn.Module):
             raise RuntimeError(f"expected {expected} gated fusers (one per transformer block), found {len(self.fusers)}")
         self._hooks: list = []
         self.set_skip_mode(cfg.skip_mode)
+        self._coords: torch.Tensor | None = None  # coord_channels: [1, 2, H, W], built on first use per grid/device/dtype
 
     # ---- switches ------------------------------------------------------------------------------
     @property
@@ -112,7 +113,10 @@ class InstanceUNet(nn.Module):
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         if self.cfg.unet.coord_channels:
-            x = torch.cat([x, coordinate_planes(x)], dim=1)
+            c = self._coords
+            if c is None or c.shape[-2:] != x.shape[-2:] or c.device != x.device or c.dtype != x.dtype:
+                c = self._coords = coordinate_planes(x[:1])  # not a buffer: modules are built on meta when loading
+            x = torch.cat([x, c.expand(x.shape[0], -1, -1, -1)], dim=1)
         return self.unet(x, t, encoder_hidden_states=context, cross_attention_kwargs=kwargs).sample
 
     def n_params(self) -> int:

@@ -434,7 +434,7 @@ def diffusion_loss(model: Trainable, vae, batch: dict[str, torch.Tensor], t: tor
 def grounding_gap(model: Trainable, vae, acp: torch.Tensor, data: ShapesTrainSet, n_images: int = 256,
                   t_range: tuple[int, int] = (200, 1000), drop: str = "box", seed: int = 123,
                   batch_size: int = 32) -> dict[str, float]:
-    """Does the model use its grounding? The diffusion loss of the first ``n_images`` of ``data`` with the true
+    """Does the model use its grounding? :func:`diffusion_loss` on the first ``n_images`` of ``data`` with the true
     grounding, with every image's grounding taken from the next image in the batch ("shuffled"), and with the null
     grounding ("null"); same images, timesteps (uniform in ``t_range``) and noise for all three, captions kept,
     modalities per the ``drop`` preset. A model that ignores its layout has gaps of ~0; each gap is the loss it
@@ -458,27 +458,33 @@ def grounding_gap(model: Trainable, vae, acp: torch.Tensor, data: ShapesTrainSet
             batch = {k: v.to(device) for k, v in data.batch(idx).items()}
             t = torch.randint(t_range[0], t_range[1], (B,), generator=gen).to(device)
             noise = torch.randn(B, u.in_channels, u.sample_size, u.sample_size, generator=gen).to(device)
-            x0 = vae.encode_latents(batch["images"])
-            a = acp[t].view(-1, 1, 1, 1)
-            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            target = a.sqrt() * noise - (1 - a).sqrt() * x0 if _predicts_v(model) else noise
             nxt = torch.roll(torch.arange(B, device=device), -1)
-            for kind in sums:
-                b, null = batch, None
-                if kind == "shuffled":
-                    b = dict(batch, **{k: batch[k][nxt] for k in ("boxes", "points", "scribbles", "polygons", "segs",
-                                                                    "masks", "inst_ids")})
-                elif kind == "null":
-                    null = torch.ones(B, dtype=torch.bool, device=device)
-                context, g = conditioning(model, b, null=null)
-                out = model.unet(xt, t, context, model.unet.tokenize(g, drop=flags), gate=1)
-                sums[kind] += float(((out.float() - target) ** 2).mean()) * B
+            wrong = dict(batch, **{k: batch[k][nxt] for k in ("boxes", "points", "scribbles", "polygons", "segs",
+                                                               "masks", "inst_ids")})
+            null = torch.ones(B, dtype=torch.bool, device=device)
+            for kind, b, nl in (("true", batch, None), ("shuffled", wrong, None), ("null", batch, null)):
+                sums[kind] += float(diffusion_loss(model, vae, b, t, noise, acp, flags, null=nl)) * B
             total += B
     finally:
         model.train(was_training)
     res = {k: v / total for k, v in sums.items()}
     res.update(gap_null=res["null"] - res["true"], gap_shuffled=res["shuffled"] - res["true"], n_images=total)
     return res
+
+
+def model_grounding_gap(comp: Components, n_images: int = 256, data_root: str | None = None,
+                        data_seed: int = 0) -> dict:
+    """:func:`grounding_gap` of a loaded Shapes model (e.g. a pipeline's components) on the first ``n_images`` Shapes
+    train images (``data_root``, default ``outputs/data/shapes``; written if missing), rounded for a results file."""
+    from .results import project_root
+
+    cfg = comp.cfg
+    root = data_root or str(project_root() / "outputs" / "data" / "shapes")
+    data = ShapesTrainSet(root, n_images, data_seed, cfg.image_size, seg_size=cfg.unifusion.seg_input_size,
+                          n_slots=cfg.unifusion.n_slots)
+    device = next(comp.unet.parameters()).device
+    res = grounding_gap(Trainable(comp), comp.vae, alphas_cumprod(cfg.schedule).to(device), data, n_images)
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in res.items()}
 
 
 # ---- the trainer ----------------------------------------------------------------------------------
@@ -556,10 +562,9 @@ class Trainer:
         cfg = self.cfg
         idx = batch_indices(len(self.data), cfg.batch_size, cfg.seed, self.step)
         batch = self._to_device(self.data.batch(idx))
-        r = step_noise(cfg, self.model_cfg, self.step)
-        if self.device.type != "cpu":
-            r = dataclasses.replace(r, t=r.t.to(self.device), noise=r.noise.to(self.device),
-                                    null=r.null.to(self.device), drop_caption=r.drop_caption.to(self.device))
+        r = step_noise(cfg, self.model_cfg, self.step)  # drawn on the CPU (same draws on any device)
+        r = dataclasses.replace(r, t=r.t.to(self.device), noise=r.noise.to(self.device), null=r.null.to(self.device),
+                                drop_caption=r.drop_caption.to(self.device))  # no-ops on the CPU
         loss = diffusion_loss(self.model, self.comp.vae, batch, r.t, r.noise, self.acp, r.drop, r.null, r.drop_caption)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

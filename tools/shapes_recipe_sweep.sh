@@ -4,11 +4,12 @@
 # Usage there: bash tools/shapes_recipe_sweep.sh        (writes $OUT/sweep.json, $OUT/grids.tar)
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+OUT=${OUT:-outputs/recipe_sweep}  # the device tool sets OUT; elsewhere results stay beside the work folder
+W=${SWEEP_DIR:-outputs/recipe_sweep}  # work folder, relative to the repository root (outputs/ is ignored)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$W/site" \
   .whl/diffusers-*.whl .whl/pycocotools-*.whl .whl/open_clip*.whl || exit 3
-export PYTHONPATH=/tmp/site:$PWD
-W=/tmp/sweep
-mkdir -p $W/logs
+export PYTHONPATH="$PWD/$W/site:$PWD"
+mkdir -p "$W/logs"
 python3 tools/shapes_recipe_sweep.py prep $W 5000 || exit 4
 for v in ${VARIANTS:-base coord coord_lr2 coord_ema995 coord_attn16 coord_nodrop coord_long base_long}; do
   python3 tools/shapes_recipe_sweep.py train $W $v cuda > $W/logs/train_$v.log 2>&1 &

@@ -153,7 +153,7 @@ def setup_check(run: NotebookRun) -> dict[str, Any]:
             "cuda_available": torch.cuda.is_available(), "world": world.label, "model": pipe.c.label,
             "weights": weights, "image_seconds": out.info["seconds"], "unet_calls": out.info["unet_calls"]}
     if world.name == "shapes":  # does the mini model use its layout at all? (detector-free; see bench --quality)
-        from ..bench import model_grounding_gap
+        from ..train import model_grounding_gap
 
         info["grounding_gap"] = model_grounding_gap(pipe.c)
     run.write({"image_seconds": out.info["seconds"], "images_per_s": 1.0 / out.info["seconds"]}, n_evaluated=1,
