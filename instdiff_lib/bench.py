@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import build_components
-from .config import get_config
-from .layout import Instance, Layout
-from .pipeline import InstanceDiffusionPipeline
-from .sampler import SamplerStats
+from instdiff_lib.weights.checkpoint import build_components
+from instdiff_lib.model.config import get_config
+from instdiff_lib.layouts.layout import Instance, Layout
+from instdiff_lib.sampling.pipeline import InstanceDiffusionPipeline
+from instdiff_lib.sampling.sampler import SamplerStats
 
 
 def synthetic_layout(n: int, size: int = 512, seed: int = 0) -> Layout:
@@ -141,8 +141,8 @@ def run_metrics_bench(n_images: int = 200, n_gt: int = 7, n_pred: int = 100, siz
 
     from PIL import Image
 
-    from .metrics.detection import coco_ap, load_yolo, mask_iou, yolo_predict
-    from .metrics.pim import pim
+    from instdiff_lib.evaluation.metrics.detection import coco_ap, load_yolo, mask_iou, yolo_predict
+    from instdiff_lib.evaluation.metrics.pim import pim
 
     gt, results = _synthetic_scoring_set(n_images, n_gt, n_pred, size, seed)
     stages = {}
@@ -174,7 +174,7 @@ def run_metrics_bench(n_images: int = 200, n_gt: int = 7, n_pred: int = 100, siz
             "projected_5000_images_s": {"detector": round(5000 * detector, 1), "all_scoring": round(5000 * scoring, 1)}}
 
 
-# ---- the Shapes quality bar (issue 4) ----------------------------------------------------------------------
+# ---- the Shapes quality bar ----------------------------------------------------------------------------------
 QUALITY_BARS = {"box_AP50": 0.5}  # and attribute accuracy clearly above chance (1 / vocabulary size)
 
 
@@ -184,9 +184,9 @@ def run_quality_bench(n_images: int = 48, seeds: tuple[int, ...] = (0, 1, 2), st
     """The committed Shapes mini model against its quality bar: box AP50 under the Shapes detector with boxes only
     (setting ``box``), and colour / texture accuracy vs chance; mean and 95% CI over ``seeds``, the real-image
     upper bound beside them. Images go to ``out_root`` (default ``outputs/bench/quality``; reruns resume)."""
-    from .experiments import Variant, aggregate, real_control, run_grid
-    from .results import project_root
-    from .world import shapes_world
+    from instdiff_lib.evaluation.experiments import Variant, aggregate, real_control, run_grid
+    from instdiff_lib.results import project_root
+    from instdiff_lib.evaluation.world import shapes_world
 
     world = shapes_world(n_val=max(200, n_images), model=model)
     out = out_root or str(project_root() / "outputs" / "bench" / "quality")
@@ -208,7 +208,7 @@ def run_quality_bench(n_images: int = 48, seeds: tuple[int, ...] = (0, 1, 2), st
         report[f"{a}_majority_baseline"] = majority_baseline(labels)
         report[f"{a}_acc_over_chance"] = acc["mean"] / chance[a]
         report[f"{a}_pass"] = clearly_above_chance(acc, chance[a], labels)
-    from .train import model_grounding_gap
+    from instdiff_lib.training.diffusion import model_grounding_gap
 
     report["grounding_loss_gap"] = model_grounding_gap(world.pipeline().c)
     return report

@@ -35,7 +35,7 @@ def _device(name: str) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import generate_from_layout
+    from instdiff_lib.sampling.generate import generate_from_layout
 
     paths = generate_from_layout(
         args.layout, args.out, model=args.model, seed=args.seed, steps=args.steps, guidance=args.guidance,
@@ -50,7 +50,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import file_sha256, load_official, save_converted
+    from instdiff_lib.weights.checkpoint import file_sha256, load_official, save_converted
 
     comp = load_official(args.checkpoint, sha256=args.sha256, prefer=args.entry)
     for r in comp.reports:
@@ -63,17 +63,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from .checkpoint import download_official
+    from instdiff_lib.weights.checkpoint import download_official
 
     print(download_official(args.out))
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench, run_metrics_bench
+    from instdiff_lib.bench import run_bench, run_metrics_bench
 
     if args.quality:
-        from .bench import run_quality_bench
+        from instdiff_lib.bench import run_quality_bench
 
         report = run_quality_bench(n_images=args.quality_images, steps=args.steps if args.steps != 10 else 25,
                                    guidance=args.guidance, mis=args.mis)
@@ -97,7 +97,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_parity(args: argparse.Namespace) -> int:
     import torch
 
-    from . import parity
+    from instdiff_lib import parity
 
     d = Path(args.fixture) if args.fixture else parity.parity_dir()
     parity.verify_fixture(d)
@@ -119,17 +119,17 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "coco":
-        from .coco import download_coco
+        from instdiff_lib.datasets.coco import download_coco
 
         for part, path in download_coco(args.root, parts=tuple(args.parts)).items():
             print(f"{part}: {path}")
     elif args.data_command == "resize-512":
-        from .coco import resize_instances
+        from instdiff_lib.datasets.coco import resize_instances
 
         resize_instances(args.src, args.dst, size=args.size)
         print(f"wrote {args.dst} ({args.size}x{args.size} frames)")
     elif args.data_command == "shapes":
-        from .shapes import make_shapes_dataset
+        from instdiff_lib.datasets.shapes import make_shapes_dataset
 
         split = make_shapes_dataset(args.out, args.n, args.seed, size=args.size, split=args.split)
         print(f"{split.n_images} images in {split.image_dir}; annotations {split.instances_json}")
@@ -137,9 +137,9 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_generate(args: argparse.Namespace) -> int:
-    from .coco import protocol_items
-    from .evalgen import SETTINGS, generate_eval, parse_shard
-    from .pipeline import InstanceDiffusionPipeline
+    from instdiff_lib.datasets.coco import protocol_items
+    from instdiff_lib.evaluation.generation import SETTINGS, generate_eval, parse_shard
+    from instdiff_lib.sampling.pipeline import InstanceDiffusionPipeline
 
     shard = parse_shard(args.shard)
     items = protocol_items(args.instances, args.captions, attribute=SETTINGS[args.setting]["attribute"])
@@ -152,7 +152,7 @@ def cmd_eval_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .planner import LLMPlanner, OfflinePlanner, plan_many
+    from instdiff_lib.extension.planner import LLMPlanner, OfflinePlanner, plan_many
 
     common = dict(width=args.canvas, height=args.canvas, n_instances=_instance_range(args.instances), seed=args.seed)
     if args.offline:
@@ -172,12 +172,12 @@ def _instance_range(text: str):
 
 
 def cmd_eval_score(args: argparse.Namespace) -> int:
-    from .evaluate import score_setting, summary_lines
-    from .results import write_results
+    from instdiff_lib.evaluation.scoring import score_setting, summary_lines
+    from instdiff_lib.results import write_results
 
     clip = None
     if args.setting in ("color", "texture"):
-        from .metrics.clip_metrics import load_clip
+        from instdiff_lib.evaluation.metrics.clip_metrics import load_clip
 
         clip = load_clip(args.clip_model, args.clip_pretrained, device=_device(args.device))
     t0 = time.perf_counter()
@@ -328,10 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="'full' only for complete protocol runs; smoke numbers never enter paper tables")
     es.set_defaults(func=cmd_eval_score)
 
-    from .train import add_train_parser
+    from instdiff_lib.training.diffusion import add_train_parser
+    from instdiff_lib.training.evaluators import add_evaluator_parsers
 
-    add_train_parser(sub)  # instdiff train shapes ...
-    from .report.runner import add_report_parser
+    add_evaluator_parsers(add_train_parser(sub))  # instdiff train shapes | shapes-yolo | shapes-clip
+    from instdiff_lib.report.runner import add_report_parser
 
     add_report_parser(sub)  # instdiff report notebook|all|generate|blog
 
@@ -346,9 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .layout import LayoutError
-    from .text import PromptTooLongError
+    from instdiff_lib.weights.checkpoint import CheckpointError
+    from instdiff_lib.layouts.layout import LayoutError
+    from instdiff_lib.model.text import PromptTooLongError
 
     try:
         return args.func(args)

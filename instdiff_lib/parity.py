@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .config import DropFlags, parity_tiny
-from .keymap import UNetLayout, convert_unet_state_dict
-from .model import InstanceUNet
-from .sampler import Branch, Sampler, SamplerStats
+from instdiff_lib.model.config import DropFlags, parity_tiny
+from instdiff_lib.weights.keymap import UNetLayout, convert_unet_state_dict
+from instdiff_lib.model.unet import InstanceUNet
+from instdiff_lib.sampling.sampler import Branch, Sampler, SamplerStats
 
 # Acceptance thresholds of the fixture README ("Suggested acceptance thresholds").
 TOLERANCES = {"objs": 1e-5, "eps": 2e-5, "block": 5e-5, "e_t": 2e-4, "x": 5e-4}

@@ -20,7 +20,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from .fileio import atomic_write_text
+from instdiff_lib.fileio import atomic_write_text
 
 PROFILES = ("smoke", "full")
 TRACKED_PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "safetensors", "numpy", "pycocotools",

@@ -13,7 +13,7 @@ import textwrap
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from instdiff_lib.layout import Layout
+from instdiff_lib.layouts.layout import Layout
 
 # one colour per instance (cycled): high-contrast, colour-blind-friendly-ish (Tableau 10 + extras)
 PALETTE: list[tuple[int, int, int]] = [

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from instdiff_lib.checkpoint import (
+from instdiff_lib.weights.checkpoint import (
     CheckpointError,
     Components,
     build_components,
@@ -37,8 +37,8 @@ from instdiff_lib.checkpoint import (
     read_official,
     save_converted,
 )
-from instdiff_lib.config import parity_tiny, sd15, tiny
-from instdiff_lib.keymap import (
+from instdiff_lib.model.config import parity_tiny, sd15, tiny
+from instdiff_lib.weights.keymap import (
     KeyMapError,
     UNetLayout,
     convert_unet_state_dict,
@@ -46,8 +46,8 @@ from instdiff_lib.keymap import (
     convert_vae_state_dict_to_ldm,
     unet_key_table,
 )
-from instdiff_lib.manifest import SD15_OFFICIAL_CONFIG, key_group, manifest_numel, meta_state_dict, official_unet_manifest
-from instdiff_lib.model import InstanceUNet
+from instdiff_lib.weights.manifest import SD15_OFFICIAL_CONFIG, key_group, manifest_numel, meta_state_dict, official_unet_manifest
+from instdiff_lib.model.unet import InstanceUNet
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUT = ROOT / "layouts" / "boxes_kitchen_animals.json"
@@ -221,7 +221,7 @@ def test_read_official_stubs_the_config(fake_pth, official):
     assert ckpt["iters"] == 5
     assert ckpt["opt"]["param_groups"][0]["lr"] == 5e-5
     cfg = ckpt["config_dict"]
-    assert type(cfg).__module__ == "instdiff_lib.checkpoint"  # a stub, not the (absent) omegaconf class
+    assert type(cfg).__module__ == "instdiff_lib.weights.checkpoint"  # a stub, not the (absent) omegaconf class
     assert cfg.state["_content"] == CONFIG_CONTENT
     assert cfg.state["_parent"].state == {"_content": {"nested": True}, "_parent": None}
     assert torch.equal(ckpt["ema"]["out.2.weight"], official["ema"]["out.2.weight"])

@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from instdiff_lib.metrics import MetricResult
-from instdiff_lib.metrics import clip_metrics as cm
-from instdiff_lib.metrics.clip_metrics import AttributeItem, MetricWeightsError, attribute_binding, clip_score
+from instdiff_lib.evaluation.metrics import MetricResult
+from instdiff_lib.evaluation.metrics import clip_metrics as cm
+from instdiff_lib.evaluation.metrics.clip_metrics import AttributeItem, MetricWeightsError, attribute_binding, clip_score
 
 RGB = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 VOCAB = ("red", "green", "blue")

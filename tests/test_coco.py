@@ -1,4 +1,4 @@
-"""Tests for instdiff_lib.coco: download (offline behaviour), 512² resizing and the §4.1 protocol items."""
+"""Tests for instdiff_lib.datasets.coco: download (offline behaviour), 512² resizing and the §4.1 protocol items."""
 
 import io
 import json
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from instdiff_lib.coco import (
+from instdiff_lib.datasets.coco import (
     COLORS,
     TEXTURES_COCO,
     DataError,
@@ -22,8 +22,8 @@ from instdiff_lib.coco import (
     resize_instances,
     resize_mask_nearest,
 )
-from instdiff_lib.layout import decode_mask, encode_mask, grounding_arrays
-from instdiff_lib.shapes import make_shapes_dataset
+from instdiff_lib.layouts.layout import decode_mask, encode_mask, grounding_arrays
+from instdiff_lib.datasets.shapes import make_shapes_dataset
 
 # -----------------------------------------------------------------------------
 # synthetic COCO files

@@ -1,9 +1,9 @@
-"""Tests for instdiff_lib.derive: scribbles, mask points and boxes derived from masks (spec §3.3)."""
+"""Tests for instdiff_lib.layouts.derive: scribbles, mask points and boxes derived from masks (spec §3.3)."""
 
 import numpy as np
 import pytest
 
-from instdiff_lib import derive
+from instdiff_lib.layouts import derive
 
 
 def wide_top_right_mask(h: int = 512, w: int = 512) -> np.ndarray:

@@ -10,8 +10,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from instdiff_lib.metrics import FrameMismatchError, MetricResult, rle_area
-from instdiff_lib.metrics.detection import (
+from instdiff_lib.evaluation.metrics import FrameMismatchError, MetricResult, rle_area
+from instdiff_lib.evaluation.metrics.detection import (
     COCO_STATS,
     coco_ap,
     letterbox_to_coco,
@@ -268,7 +268,7 @@ def yolo_seg():
 
 @pytest.fixture(scope="module")
 def shapes_split(tmp_path_factory):
-    from instdiff_lib.shapes import make_shapes_dataset
+    from instdiff_lib.datasets.shapes import make_shapes_dataset
 
     return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), n_images=3, seed=0, size=64)
 
@@ -328,7 +328,7 @@ def test_yolo_conversion_non_square_original_frame(yolo_seg, tmp_path, monkeypat
     original frame. Letterbox numbers computed by hand from ultralytics' val rules:
     wide: long side 96 -> 640, short 64 -> ceil(426.67) = 427; canvas (448, 672); pad left 16, top round(10.4) = 10.
     tall: the transpose: canvas (672, 448); pad left 10, top 16."""
-    from instdiff_lib.metrics import detection
+    from instdiff_lib.evaluation.metrics import detection
 
     gw, gh = 640 / 96, 427 / 64  # gains along x and y for the wide image (transposed for the tall one)
     wide_rect, tall_rect = (24, 16, 72, 48), (16, 24, 48, 72)  # x0, y0, x1, y1 in original pixels

@@ -5,10 +5,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from instdiff_lib.checkpoint import build_components
-from instdiff_lib.evalgen import ManifestError, generate_eval, image_seed, parse_shard, read_manifest
-from instdiff_lib.layout import Instance, Layout
-from instdiff_lib.pipeline import InstanceDiffusionPipeline
+from instdiff_lib.weights.checkpoint import build_components
+from instdiff_lib.evaluation.generation import ManifestError, generate_eval, image_seed, parse_shard, read_manifest
+from instdiff_lib.layouts.layout import Instance, Layout
+from instdiff_lib.sampling.pipeline import InstanceDiffusionPipeline
 
 
 @dataclass

@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 
-from instdiff_lib.evalgen import generate_eval
-from instdiff_lib.evaluate import score_setting
-from instdiff_lib.metrics.guards import GuardError
-from instdiff_lib.shapes import make_shapes_dataset
+from instdiff_lib.evaluation.generation import generate_eval
+from instdiff_lib.evaluation.scoring import score_setting
+from instdiff_lib.evaluation.metrics.guards import GuardError
+from instdiff_lib.datasets.shapes import make_shapes_dataset
 
 
 @pytest.fixture(scope="module")
@@ -19,9 +19,9 @@ def shapes(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory, shapes):
-    from instdiff_lib.checkpoint import build_components
-    from instdiff_lib.coco import protocol_items
-    from instdiff_lib.pipeline import InstanceDiffusionPipeline
+    from instdiff_lib.weights.checkpoint import build_components
+    from instdiff_lib.datasets.coco import protocol_items
+    from instdiff_lib.sampling.pipeline import InstanceDiffusionPipeline
 
     out = tmp_path_factory.mktemp("gen")
     items = protocol_items(shapes.instances_json, shapes.captions_json)
@@ -73,11 +73,11 @@ def test_real_control_and_setting_mismatch(shapes, generated):
 
 
 def test_attribute_setting_uses_clip_on_gt_crops(shapes, generated, tmp_path):
-    from instdiff_lib.metrics.clip_metrics import tiny_clip
+    from instdiff_lib.evaluation.metrics.clip_metrics import tiny_clip
 
-    from instdiff_lib.coco import protocol_items
-    from instdiff_lib.checkpoint import build_components
-    from instdiff_lib.pipeline import InstanceDiffusionPipeline
+    from instdiff_lib.datasets.coco import protocol_items
+    from instdiff_lib.weights.checkpoint import build_components
+    from instdiff_lib.sampling.pipeline import InstanceDiffusionPipeline
 
     items = protocol_items(shapes.instances_json, shapes.captions_json, attribute="color")
     generate_eval(items[:2], tmp_path, InstanceDiffusionPipeline(build_components("tiny")), "color", steps=1,
@@ -92,8 +92,8 @@ def test_real_control_is_scored_in_the_gt_frame(shapes, tmp_path):
     """Real photos of another size (the original COCO files vs the 512 GT) are resized into the GT frame."""
     from PIL import Image
 
-    from instdiff_lib.coco import protocol_items
-    from instdiff_lib.evaluate import real_in_gt_frame
+    from instdiff_lib.datasets.coco import protocol_items
+    from instdiff_lib.evaluation.scoring import real_in_gt_frame
 
     items = {it.image_id: it for it in protocol_items(shapes.instances_json, None)}
     big = tmp_path / "orig"

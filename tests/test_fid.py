@@ -9,10 +9,10 @@ import torch
 import torchmetrics.image.fid  # noqa: F401 - imported up front so the timed test does not time its import
 from PIL import Image
 
-from instdiff_lib.metrics import MetricResult
-from instdiff_lib.metrics import fid as fid_mod
-from instdiff_lib.metrics.clip_metrics import MetricWeightsError
-from instdiff_lib.metrics.fid import fid
+from instdiff_lib.evaluation.metrics import MetricResult
+from instdiff_lib.evaluation.metrics import fid as fid_mod
+from instdiff_lib.evaluation.metrics.clip_metrics import MetricWeightsError
+from instdiff_lib.evaluation.metrics.fid import fid
 
 
 class TinyFeatures(torch.nn.Module):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from instdiff_lib.metrics.guards import (
+from instdiff_lib.evaluation.metrics.guards import (
     GuardError,
     assert_generated,
     check_manifest,

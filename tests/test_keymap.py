@@ -15,7 +15,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from instdiff_lib.keymap import (
+from instdiff_lib.weights.keymap import (
     KeyMapError,
     UNetLayout,
     convert_text_encoder_state_dict,
@@ -28,7 +28,7 @@ from instdiff_lib.keymap import (
     unet_key_table,
     vae_key_table,
 )
-from instdiff_lib.manifest import (
+from instdiff_lib.weights.manifest import (
     SD15_OFFICIAL_CONFIG,
     TINY_OFFICIAL_CONFIG,
     key_group,

@@ -1,4 +1,4 @@
-"""Tests for instdiff_lib.layout: demo JSON parsing, validation, round trips and grounding arrays."""
+"""Tests for instdiff_lib.layouts.layout: demo JSON parsing, validation, round trips and grounding arrays."""
 
 import json
 from pathlib import Path
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from instdiff_lib import derive
-from instdiff_lib.layout import (
+from instdiff_lib.layouts import derive
+from instdiff_lib.layouts.layout import (
     N_SLOTS,
     Instance,
     Layout,

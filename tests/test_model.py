@@ -4,10 +4,10 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from instdiff_lib.config import DropFlags, ModelConfig, get_config, sd15, tiny
-from instdiff_lib.model import InstanceUNet, diffusers_unet_kwargs
-from instdiff_lib.skips import decoder_h_channels, fourier_filter
-from instdiff_lib.unifusion import FourierEmbedder, UniFusion
+from instdiff_lib.model.config import DropFlags, ModelConfig, get_config, sd15, tiny
+from instdiff_lib.model.unet import InstanceUNet, diffusers_unet_kwargs
+from instdiff_lib.model.skips import decoder_h_channels, fourier_filter
+from instdiff_lib.model.unifusion import FourierEmbedder, UniFusion
 
 
 def _randomise_instance_params(m: InstanceUNet, seed=0):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from instdiff_lib import parity
-from instdiff_lib.config import DropFlags
+from instdiff_lib.model.config import DropFlags
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from instdiff_lib.metrics.pim import greedy_match, mask_center_points, pim
+from instdiff_lib.evaluation.metrics.pim import greedy_match, mask_center_points, pim
 
 # pycocotools 2.0.11 under numpy 2 warns inside maskUtils.decode (its __array__ lacks `copy`); not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -216,7 +216,7 @@ def test_iou_zero_steal_and_empty_gt_masks():
 def test_shapes_gt_as_predictions(tmp_path):
     """On occluded Shapes the GT point can fall outside its own mask: point PiM of the GT is the fraction of
     masks that contain their box centre (per-image mean), scribble PiM is 1."""
-    from instdiff_lib.shapes import make_shapes_dataset
+    from instdiff_lib.datasets.shapes import make_shapes_dataset
 
     split = make_shapes_dataset(tmp_path, n_images=6, seed=2, size=64)
     gt = json.loads(split.instances_json.read_text())

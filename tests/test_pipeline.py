@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from instdiff_lib.bench import synthetic_layout
-from instdiff_lib.checkpoint import build_components
-from instdiff_lib.layout import Instance, Layout, LayoutError
-from instdiff_lib.pipeline import InstanceDiffusionPipeline
-from instdiff_lib.text import PromptTooLongError, clip_tokenizer
+from instdiff_lib.weights.checkpoint import build_components
+from instdiff_lib.layouts.layout import Instance, Layout, LayoutError
+from instdiff_lib.sampling.pipeline import InstanceDiffusionPipeline
+from instdiff_lib.model.text import PromptTooLongError, clip_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_more_than_30_instances(pipe):
 
 
 def test_generate_is_resumable_and_atomic(tmp_path, pipe):
-    from instdiff_lib.generate import generate_from_layout
+    from instdiff_lib.sampling.generate import generate_from_layout
 
     paths = generate_from_layout("layouts/points_garden.json", tmp_path, steps=2, mis=0.0, pipe=pipe, drop="point")
     names = sorted(p.name for p in paths)
@@ -99,8 +99,8 @@ def test_generate_is_resumable_and_atomic(tmp_path, pipe):
 
 
 def test_refine_without_weights_fails_clearly(tmp_path, pipe):
-    from instdiff_lib.checkpoint import CheckpointError
-    from instdiff_lib.generate import generate_from_layout
+    from instdiff_lib.weights.checkpoint import CheckpointError
+    from instdiff_lib.sampling.generate import generate_from_layout
 
     with pytest.raises(CheckpointError, match="SDXL refiner"):
         generate_from_layout("layouts/boxes_kitchen_animals.json", tmp_path, steps=1, mis=0.0, pipe=pipe, refine=0.3)

@@ -1,4 +1,4 @@
-"""Tests for instdiff_lib.placement: the one IoU (hand values and the seed's xywh trap), matching, evaluation with a
+"""Tests for instdiff_lib.extension.placement: the one IoU (hand values and the seed's xywh trap), matching, evaluation with a
 scripted detector, and the real Grounding DINO / OWLv2 forward + post-processing paths on tiny random models built
 offline from config classes (no download)."""
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from instdiff_lib.layout import Instance, Layout
-from instdiff_lib.placement import (
+from instdiff_lib.layouts.layout import Instance, Layout
+from instdiff_lib.extension.placement import (
     BackendUnavailableError,
     CogVLMDetector,
     Detections,
@@ -203,7 +203,7 @@ class TinyClip(torch.nn.Module):
 
 
 def test_evaluate_placement_with_clip_score():
-    pytest.importorskip("instdiff_lib.metrics.clip_metrics")
+    pytest.importorskip("instdiff_lib.evaluation.metrics.clip_metrics")
 
     def preprocess(im):
         return torch.from_numpy(np.asarray(im.resize((8, 8)), dtype=np.float32) / 255).permute(2, 0, 1)

@@ -1,4 +1,4 @@
-"""Tests for instdiff_lib.planner against a real HTTP server on loopback (tests/llm_server.py)."""
+"""Tests for instdiff_lib.extension.planner against a real HTTP server on loopback (tests/llm_server.py)."""
 
 import json
 import sys
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from instdiff_lib.layout import Layout
-from instdiff_lib.planner import (
+from instdiff_lib.layouts.layout import Layout
+from instdiff_lib.extension.planner import (
     OFFLINE_LABEL,
     LLMPlanner,
     OfflinePlanner,

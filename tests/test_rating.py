@@ -1,4 +1,4 @@
-"""Tests for instdiff_lib.rating: the rating sheet export and the ingestion of filled-in CSVs."""
+"""Tests for instdiff_lib.extension.rating: the rating sheet export and the ingestion of filled-in CSVs."""
 
 import csv
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 from PIL import Image
 
-from instdiff_lib.rating import CSV_COLUMNS, RatingError, export_rating_sheet, ingest_ratings
+from instdiff_lib.extension.rating import CSV_COLUMNS, RatingError, export_rating_sheet, ingest_ratings
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import nbformat
 import numpy as np
 import pytest
 
-from instdiff_lib.experiments import Variant, ablation_variants, aggregate, ci95, RunRecord
+from instdiff_lib.evaluation.experiments import Variant, ablation_variants, aggregate, ci95, RunRecord
 from instdiff_lib.report.runner import (NOTEBOOKS, load_params, notebook_parameters, notebook_path, params_path)
 from instdiff_lib.results import PROFILES, project_root, write_results
 
@@ -105,7 +105,7 @@ def _row(values: dict[str, list[float]], n: int) -> dict:
 
 def test_blog_tables_come_from_results(tmp_path, monkeypatch):
     """Smoke numbers only in the Shapes table; a full-profile file fills 'ours' and Δ = ours − paper."""
-    from instdiff_lib import reported
+    from instdiff_lib.report import reported
     from instdiff_lib.report.blog import render_blog
 
     res = tmp_path / "results"

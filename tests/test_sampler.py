@@ -4,9 +4,9 @@ import pytest
 import torch
 from diffusers import PNDMScheduler
 
-from instdiff_lib.config import DropFlags, tiny
-from instdiff_lib.model import InstanceUNet
-from instdiff_lib.sampler import Branch, Sampler, SamplerStats, Schedule, gate_schedule
+from instdiff_lib.model.config import DropFlags, tiny
+from instdiff_lib.model.unet import InstanceUNet
+from instdiff_lib.sampling.sampler import Branch, Sampler, SamplerStats, Schedule, gate_schedule
 
 
 @pytest.fixture(scope="module")

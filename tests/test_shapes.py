@@ -1,4 +1,4 @@
-"""Tests for instdiff_lib.shapes: the procedural Shapes world in COCO format."""
+"""Tests for instdiff_lib.datasets.shapes: the procedural Shapes world in COCO format."""
 
 import json
 import time
@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from instdiff_lib import shapes
-from instdiff_lib.layout import Layout, decode_mask, grounding_arrays
-from instdiff_lib.shapes import (
+from instdiff_lib.datasets import shapes
+from instdiff_lib.layouts.layout import Layout, decode_mask, grounding_arrays
+from instdiff_lib.datasets.shapes import (
     COLOR_RGB,
     COLORS,
     PATTERN_RGB,

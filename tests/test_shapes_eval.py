@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from instdiff_lib.coco import protocol_items
-from instdiff_lib.shapes import COLORS, SHAPES, make_shapes_dataset
-from instdiff_lib.shapes_eval import (ShapesPlanner, export_yolo_seg, mask_polygon, multi_positive_clip_loss,
-                                      ZERO_SHOT)
-from instdiff_lib.world import models_dir
+from instdiff_lib.datasets.coco import protocol_items
+from instdiff_lib.datasets.shapes import COLORS, SHAPES, make_shapes_dataset
+from instdiff_lib.evaluation.shapes_evaluators import ZERO_SHOT
+from instdiff_lib.extension.shapes import ShapesPlanner
+from instdiff_lib.training.evaluators import export_yolo_seg, mask_polygon, multi_positive_clip_loss
+from instdiff_lib.weights.embedded import models_dir
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_multi_positive_loss():
 
 
 def test_zero_shot_template_is_the_metric_prompt():
-    from instdiff_lib.metrics.clip_metrics import PROMPT
+    from instdiff_lib.evaluation.metrics.clip_metrics import PROMPT
 
     assert ZERO_SHOT == PROMPT
 
@@ -91,8 +92,8 @@ def test_shapes_planner_parses_and_is_deterministic():
 
 def test_v_prediction_sampler_conversion():
     """An oracle v-model (v = sqrt(a) eps - sqrt(1-a) x0) is turned into the exact eps by the sampler."""
-    from instdiff_lib.config import ScheduleConfig
-    from instdiff_lib.sampler import Sampler, alphas_cumprod
+    from instdiff_lib.model.config import ScheduleConfig
+    from instdiff_lib.sampling.sampler import Sampler, alphas_cumprod
 
     cfg = ScheduleConfig(prediction_type="v_prediction")
     acp = alphas_cumprod(cfg)
@@ -117,8 +118,8 @@ needs_models = pytest.mark.skipif(not (models_dir() / "shapes-mini" / "manifest.
 
 @needs_models
 def test_committed_mini_model_loads_and_generates():
-    from instdiff_lib.pipeline import InstanceDiffusionPipeline
-    from instdiff_lib.layout import Layout
+    from instdiff_lib.sampling.pipeline import InstanceDiffusionPipeline
+    from instdiff_lib.layouts.layout import Layout
 
     pipe = InstanceDiffusionPipeline.from_pretrained(str(models_dir() / "shapes-mini"))  # sha256-verified
     assert pipe.cfg.name == "shapes-mini" and pipe.cfg.schedule.prediction_type == "v_prediction"
@@ -132,7 +133,7 @@ def test_committed_mini_model_loads_and_generates():
 
 @pytest.mark.skipif(not (models_dir() / "shapes-clip" / "shapes_clip.pt").exists(), reason="no committed CLIP")
 def test_committed_clip_loads_and_separates_colours():
-    from instdiff_lib.shapes_eval import load_shapes_clip
+    from instdiff_lib.evaluation.shapes_evaluators import load_shapes_clip
 
     clip = load_shapes_clip(models_dir() / "shapes-clip")
     with torch.no_grad():
@@ -144,14 +145,14 @@ def test_committed_clip_loads_and_separates_colours():
 
 @pytest.mark.skipif(not (models_dir() / "shapes-yolo" / "shapes_yolo.pt").exists(), reason="no committed YOLO")
 def test_committed_yolo_loads_with_shapes_classes():
-    from instdiff_lib.shapes_eval import load_shapes_yolo
+    from instdiff_lib.evaluation.shapes_evaluators import load_shapes_yolo
 
     yolo = load_shapes_yolo(models_dir() / "shapes-yolo")
     assert [yolo.names[k] for k in range(len(yolo.names))] == SHAPES
 
 
 def test_corrupt_evaluator_weights_are_refused(tmp_path):
-    from instdiff_lib.shapes_eval import _check_sha
+    from instdiff_lib.evaluation.shapes_evaluators import _check_sha
 
     w = tmp_path / "w.pt"
     w.write_bytes(b"abc")

@@ -1,4 +1,4 @@
-"""Tests for instdiff_lib.train: the Shapes training set, the training step, resuming, export, dropout rates."""
+"""Tests for instdiff_lib.training.diffusion: the Shapes training set, the training step, resuming, export, dropout rates."""
 
 import csv
 import json
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from instdiff_lib.config import DropFlags, get_config
-from instdiff_lib.layout import grounding_arrays
-from instdiff_lib.shapes import ShapesSplit, shapes_layouts
-from instdiff_lib.train import (
+from instdiff_lib.model.config import DropFlags, get_config
+from instdiff_lib.layouts.layout import grounding_arrays
+from instdiff_lib.datasets.shapes import ShapesSplit, shapes_layouts
+from instdiff_lib.training.diffusion import (
     ShapesTrainSet,
     TrainConfig,
     Trainer,
@@ -190,7 +190,7 @@ def test_training_lowers_the_loss_on_a_fixed_batch(tmp_path, data_dir, dataset, 
 
 
 def test_resume_is_bit_identical_and_export_loads(tmp_path, data_dir, dataset, one_thread):
-    from instdiff_lib.pipeline import InstanceDiffusionPipeline
+    from instdiff_lib.sampling.pipeline import InstanceDiffusionPipeline
 
     straight = Trainer(_cfg(tmp_path / "a", data_dir, steps=6, ckpt_every=100), data=dataset).run()
     first = Trainer(_cfg(tmp_path / "b", data_dir, steps=3, ckpt_every=100), data=dataset).run()
@@ -265,7 +265,7 @@ def test_minutes_budget_counts_wall_time_once(tmp_path, data_dir, dataset):
 def test_grounding_gap_equals_the_training_loss_with_true_wrong_and_null_layouts(tmp_path, data_dir, dataset):
     """Each of the three losses is the training loss (``diffusion_loss``) of the same images, timesteps and noise
     with the true layout, the next image's layout, and the null layout; with the fusers off the gaps are exactly 0."""
-    from instdiff_lib.train import diffusion_loss
+    from instdiff_lib.training.diffusion import diffusion_loss
 
     tr = Trainer(_cfg(tmp_path, data_dir), data=dataset)
     gap = grounding_gap(tr.model, tr.comp.vae, tr.acp, dataset, n_images=8, batch_size=4, seed=7)
@@ -300,8 +300,8 @@ def test_coordinate_channels_train_export_and_load(tmp_path, data_dir, dataset):
     """``unet.coord_channels = 2``: the UNet sees x/y planes beside the latents; trains, exports and loads back."""
     import dataclasses
 
-    from instdiff_lib.model import coordinate_planes
-    from instdiff_lib.pipeline import InstanceDiffusionPipeline
+    from instdiff_lib.model.unet import coordinate_planes
+    from instdiff_lib.sampling.pipeline import InstanceDiffusionPipeline
 
     planes = coordinate_planes(torch.zeros(2, 12, 4, 4))
     assert planes.shape == (2, 2, 4, 4)
@@ -321,5 +321,5 @@ def test_coordinate_channels_train_export_and_load(tmp_path, data_dir, dataset):
     assert img.size == (64, 64)
     bad = cfg.replace(unet=dataclasses.replace(cfg.unet, coord_channels=3))
     with pytest.raises(ValueError, match="coord_channels"):
-        from instdiff_lib.model import InstanceUNet
+        from instdiff_lib.model.unet import InstanceUNet
         InstanceUNet(bad)

@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from instdiff_lib.layout import Instance, Layout
+from instdiff_lib.layouts.layout import Instance, Layout
 from instdiff_lib.viz import PALETTE, draw_layout, image_grid
 
 WHITE = (255, 255, 255)

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from instdiff_lib.config import get_config
-from instdiff_lib.shapes import COLOR_RGB, COLORS, PATTERN_RGB, ShapesSplit, make_shapes_dataset, shapes_layouts
-from instdiff_lib.train import ShapesTrainSet, Trainer, TrainConfig, grounding_gap
+from instdiff_lib.model.config import get_config
+from instdiff_lib.datasets.shapes import COLOR_RGB, COLORS, PATTERN_RGB, ShapesSplit, make_shapes_dataset, shapes_layouts
+from instdiff_lib.training.diffusion import ShapesTrainSet, Trainer, TrainConfig, grounding_gap
 
 COORD = {"coord_channels": 2}
 VARIANTS = {  # name: (unet config overrides, train config overrides, steps)
@@ -71,7 +71,7 @@ def colour_of(pixels: np.ndarray) -> str | None:
 def colour_proxy(model_dir: Path, val_root: Path, device: str, n: int = 48) -> dict:
     from PIL import Image
 
-    from instdiff_lib.pipeline import InstanceDiffusionPipeline
+    from instdiff_lib.sampling.pipeline import InstanceDiffusionPipeline
 
     pipe = InstanceDiffusionPipeline.from_pretrained(str(model_dir), device=device)
     hit = total = 0

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..results import project_root, write_results
+from instdiff_lib.results import project_root, write_results
 
 
 def figures_dir() -> Path:
@@ -67,7 +67,7 @@ class NotebookRun:
 
 def start(name: str, **params: Any) -> NotebookRun:
     """Begin a notebook run (call it in the cell after the parameters cell with every parameter)."""
-    from ..offline import setup_offline_env
+    from instdiff_lib.offline import setup_offline_env
 
     setup_offline_env()
     return NotebookRun(name, params)

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from ..results import PROFILES, project_root
+from instdiff_lib.results import PROFILES, project_root
 
 NOTEBOOKS = ("00_setup_check", "01_demos", "10_location_formats", "11_attribute_binding", "20_ablations",
              "30_extension", "99_blogpost")
@@ -88,7 +88,7 @@ def run_notebook(name: str, profile: str = "smoke", params_file: str | os.PathLi
     """Execute ``notebooks/<name>.ipynb`` with papermill; returns the executed copy. Raises :class:`NotebookFailed`."""
     import papermill as pm
 
-    from ..offline import setup_offline_env
+    from instdiff_lib.offline import setup_offline_env
 
     setup_offline_env()  # inherited by the kernel: offline ultralytics / HF settings
     params = load_params(name, profile, params_file, overrides)
@@ -134,9 +134,9 @@ def effective_params(name: str, profile: str, params_file: str | os.PathLike | N
 def generate_shard(profile: str, shard: tuple[int, int], progress: bool = True) -> dict[str, int]:
     """Generate shard ``shard`` of the images of the generation notebooks (10 and 11) into the very folders the
     notebooks read (they then find them done and only score). For SLURM array jobs; resumable."""
-    from ..experiments import generate_variant
-    from .context import NotebookRun
-    from .sections import _base_variant, _out_root, world_of
+    from instdiff_lib.evaluation.experiments import generate_variant
+    from instdiff_lib.report.context import NotebookRun
+    from instdiff_lib.report.sections import _base_variant, _out_root, world_of
 
     counts = {"generated": 0, "reused": 0}
     for name in GENERATION_NOTEBOOKS:
@@ -154,7 +154,7 @@ def generate_shard(profile: str, shard: tuple[int, int], progress: bool = True) 
 
 def add_report_parser(sub) -> None:
     """``instdiff report notebook|all|generate|blog`` (registered by ``cli.py``)."""
-    from ..evalgen import parse_shard
+    from instdiff_lib.evaluation.generation import parse_shard
 
     r = sub.add_parser("report", help="run the report's notebooks (papermill), its generation shards, its blog")
     rs = r.add_subparsers(dest="report_command", required=True)
@@ -177,7 +177,7 @@ def add_report_parser(sub) -> None:
     b.add_argument("--out", default=None)
 
     def _blog(a):
-        from .blog import render_blog
+        from instdiff_lib.report.blog import render_blog
 
         path, info = render_blog(a.out)
         print(f"{path}: {info['tables']} tables from {', '.join(info['sources']) or 'no results'}")

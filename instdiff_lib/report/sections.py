@@ -15,17 +15,17 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from ..experiments import (Variant, ablation_variants, aggregate, by_instance_count, real_control, run_grid)
-from ..layout import Instance, Layout
-from ..results import device_description, package_versions, project_root
-from ..viz import draw_layout, image_grid
-from .context import NotebookRun
+from instdiff_lib.evaluation.experiments import (Variant, ablation_variants, aggregate, by_instance_count, real_control, run_grid)
+from instdiff_lib.layouts.layout import Instance, Layout
+from instdiff_lib.results import device_description, package_versions, project_root
+from instdiff_lib.viz import draw_layout, image_grid
+from instdiff_lib.report.context import NotebookRun
 
 
 # ---- shared ------------------------------------------------------------------------------------------
 def world_of(run: NotebookRun):
     """The evaluation world of the run's profile from its parameters (smoke: Shapes; full: COCO)."""
-    from ..world import coco_world, shapes_world
+    from instdiff_lib.evaluation.world import coco_world, shapes_world
 
     p = run.params
     model = p.get("MODEL") or None
@@ -55,7 +55,7 @@ def _panel(layout: Layout, image: Image.Image, size: int) -> Image.Image:
 
 def sample_grid(run: NotebookRun, world, records, name: str, per_setting: int = 4, size: int = 192) -> Path:
     """The first images of each setting (first seed) with their layouts drawn over them."""
-    from ..evalgen import SETTINGS
+    from instdiff_lib.evaluation.generation import SETTINGS
 
     cells, seen = [], set()
     for r in records:
@@ -107,7 +107,7 @@ def _n(rows: dict[str, dict]) -> int:
 # ---- 00 setup check ----------------------------------------------------------------------------------------
 def weights_inventory(run: NotebookRun) -> dict[str, Any]:
     """Which weights were found, with their sha256 (from the manifests written when they were made)."""
-    from ..world import models_dir
+    from instdiff_lib.weights.embedded import models_dir
 
     found: dict[str, Any] = {}
     if run.smoke:
@@ -127,7 +127,7 @@ def weights_inventory(run: NotebookRun) -> dict[str, Any]:
         found["model"] = json.loads(man.read_text()).get("files") if man.exists() else f"missing: {model}"
         yolo = run.path(run.params.get("YOLO", "yolov8m-seg.pt"))
         if yolo.exists():
-            from ..fileio import sha256_file
+            from instdiff_lib.fileio import sha256_file
 
             found["yolo"] = {yolo.name: sha256_file(yolo)}
         else:
@@ -153,7 +153,7 @@ def setup_check(run: NotebookRun) -> dict[str, Any]:
             "cuda_available": torch.cuda.is_available(), "world": world.label, "model": pipe.c.label,
             "weights": weights, "image_seconds": out.info["seconds"], "unet_calls": out.info["unet_calls"]}
     if world.name == "shapes":  # does the mini model use its layout at all? (detector-free; see bench --quality)
-        from ..train import model_grounding_gap
+        from instdiff_lib.training.diffusion import model_grounding_gap
 
         info["grounding_gap"] = model_grounding_gap(pipe.c)
     run.write({"image_seconds": out.info["seconds"], "images_per_s": 1.0 / out.info["seconds"]}, n_evaluated=1,
@@ -163,7 +163,7 @@ def setup_check(run: NotebookRun) -> dict[str, Any]:
 
 def parity_summary() -> dict[str, Any] | str:
     """The parity checks against the official fixture, grouped (objs / eps / block / plms / mis)."""
-    from ..parity import FixtureError, run_parity
+    from instdiff_lib.parity import FixtureError, run_parity
 
     try:
         checks = run_parity()
@@ -180,7 +180,7 @@ def parity_summary() -> dict[str, Any] | str:
 
 # ---- 01 demos ---------------------------------------------------------------------------------------------
 def _single_format(inst: Instance, fmt: str, rng: np.random.Generator) -> Instance:
-    from ..derive import box_from_mask, scribble_from_mask
+    from instdiff_lib.layouts.derive import box_from_mask, scribble_from_mask
 
     if inst.mask is None:
         raise ValueError(f"the four-formats demo needs an instance with a mask ({inst.caption!r} has none)")
@@ -354,13 +354,13 @@ def _planner(run: NotebookRun):
     p = run.params
     if p["PLANNER"] == "offline":
         if run.smoke:
-            from ..shapes_eval import ShapesPlanner
+            from instdiff_lib.extension.shapes import ShapesPlanner
 
             return ShapesPlanner(n_instances=tuple(p["N_INSTANCES"]), seed=p["SEED"])
-        from ..planner import OfflinePlanner
+        from instdiff_lib.extension.planner import OfflinePlanner
 
         return OfflinePlanner(n_instances=tuple(p["N_INSTANCES"]), seed=p["SEED"])
-    from ..planner import LLMPlanner
+    from instdiff_lib.extension.planner import LLMPlanner
 
     size = 64 if run.smoke else 512
     return LLMPlanner(p.get("PLANNER_MODEL") or None, base_url=p.get("PLANNER_BASE_URL") or None, width=size,
@@ -370,19 +370,19 @@ def _planner(run: NotebookRun):
 def _placement_detector(run: NotebookRun, world):
     p = run.params
     if run.smoke and p.get("DETECTOR", "shapes-yolo") == "shapes-yolo":
-        from ..shapes_eval import ShapesYoloDetector
+        from instdiff_lib.extension.shapes import ShapesYoloDetector
 
         return ShapesYoloDetector(world.detector())
-    from ..placement import load_detector
+    from instdiff_lib.extension.placement import load_detector
 
     return load_detector(p.get("DETECTOR", "grounding-dino"), p.get("DETECTOR_MODEL") or None, device=world.device)
 
 
 def extension(run: NotebookRun) -> dict[str, Any]:
-    """Plan layouts from prompts, generate them, and check where the instances ended up (issue 6)."""
-    from ..placement import evaluate_placement
-    from ..planner import plan_many
-    from ..rating import export_rating_sheet, ingest_ratings
+    """Plan layouts from prompts, generate them, and check where the instances ended up (placement evaluation of planned layouts)."""
+    from instdiff_lib.extension.placement import evaluate_placement
+    from instdiff_lib.extension.planner import plan_many
+    from instdiff_lib.extension.rating import export_rating_sheet, ingest_ratings
 
     p = run.params
     world = world_of(run)
@@ -449,7 +449,7 @@ def _placement_figure(run, images, records, ids, n: int) -> None:
 
 # ---- 99 blogpost ---------------------------------------------------------------------------------------------
 def blogpost(run: NotebookRun) -> dict[str, Any]:
-    from .blog import render_blog
+    from instdiff_lib.report.blog import render_blog
 
     path, info = render_blog(run.path(run.params.get("OUT", "blogpost.md")))
     run.write({"tables": info["tables"]}, n_evaluated=0, extra={"sources": info["sources"], "blog": str(path)})

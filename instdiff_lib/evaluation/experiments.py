@@ -1,0 +1,244 @@
+"""The experiments behind the report's notebooks: generate (resumable) -> score -> aggregate over seeds.
+
+An experiment is a list of :class:`Variant` (an evaluation setting plus generation parameters: steps,
+guidance, alpha, MIS fraction, modality drop, skip mode) run for several base seeds on the first
+``n_images`` protocol images of a :class:`~instdiff_lib.evaluation.world.World`. Every (variant, seed) writes its images
+into its own folder (named from a hash of its configuration, so reruns resume and never mix settings) and is
+scored by the same metric code as the paper protocol. :func:`aggregate` turns per-seed numbers into
+mean, standard deviation and a 95% confidence interval (Student t over seeds).
+
+Results rows have the shape the blog renderer reads (``results/<notebook>.json`` -> ``metrics.rows``)::
+
+    {"<row>": {"metrics": {"box_AP50": {"mean", "sd", "ci95", "n_seeds", "values"}, ...},
+               "n_evaluated": images scored (summed over seeds), "n_skipped": ..., "variant": {...}}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from instdiff_lib.evaluation.generation import SETTINGS, generate_eval
+
+# metrics as fractions in [0, 1] (the blog prints percentages), except FD/FID and CLIP cosines
+PERCENT_METRICS = ("box_AP", "box_AP50", "box_AR", "mask_AP", "mask_AP50", "mask_AR", "mask_IoU", "PiM",
+                   "attr_acc")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One generation configuration: ``setting`` (box/mask/point/scribble/color/texture) plus overrides."""
+
+    name: str
+    setting: str
+    steps: int = 50
+    guidance: float = 7.5
+    alpha: float = 1.0
+    mis: float = 0.36
+    drop: str | None = None  # None: the setting's own preset
+    skip_mode: str | None = None  # None: the model's config
+
+    def __post_init__(self):
+        if self.setting not in SETTINGS or self.setting == "real":
+            raise ValueError(f"setting must be one of {[s for s in SETTINGS if s != 'real']}, got {self.setting!r}")
+
+    def key(self) -> str:
+        """Hash of what the images depend on (not the name). ``drop=None`` counts as the setting's own preset and
+        ``skip_mode=None`` as the config default "scaleu" (a model configured otherwise is caught by
+        ``generate_eval``'s configuration check, never silently mixed)."""
+        from instdiff_lib.model.config import ModelConfig
+
+        d = asdict(self)
+        d.pop("name")
+        d["drop"] = self.drop or SETTINGS[self.setting]["drop"]
+        d["skip_mode"] = self.skip_mode or ModelConfig().skip_mode
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def ci95(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample sd and the half-width of the 95% Student-t interval of the mean over ``values`` (NaNs dropped)."""
+    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=np.float64)
+    out: dict[str, Any] = {"values": [float(x) for x in values], "n_seeds": int(len(v))}
+    if len(v) == 0:
+        return {**out, "mean": float("nan"), "sd": float("nan"), "ci95": float("nan")}
+    mean = float(v.mean())
+    if len(v) == 1:
+        return {**out, "mean": mean, "sd": float("nan"), "ci95": float("nan")}
+    from scipy import stats
+
+    sd = float(v.std(ddof=1))
+    return {**out, "mean": mean, "sd": sd, "ci95": float(stats.t.ppf(0.975, len(v) - 1) * sd / math.sqrt(len(v)))}
+
+
+def flat_metrics(score: dict) -> dict[str, float]:
+    """The headline numbers of a :func:`score_setting` result under stable names."""
+    m, out = score["metrics"], {}
+    if "box" in m:
+        v = m["box"]["values"]
+        out.update(box_AP=v["AP"], box_AP50=v["AP50"], box_AR=v["AR100"])
+    if "mask" in m:
+        v = m["mask"]["values"]
+        out.update(mask_AP=v["AP"], mask_AP50=v["AP50"], mask_AR=v["AR100"])
+    if "mask_iou" in m:
+        out["mask_IoU"] = m["mask_iou"]["values"]["IoU"]
+    if "pim" in m:
+        out["PiM"] = m["pim"]["values"]["PiM"]
+    if "attribute" in m:
+        out.update(attr_acc=m["attribute"]["values"]["acc"], clip_local=m["attribute"]["values"]["clip_local"])
+    if "fid" in m:
+        out["FID"] = m["fid"]["values"]["FID"]
+    return {k: float(v) for k, v in out.items()}
+
+
+@dataclass
+class RunRecord:
+    variant: Variant
+    seed: int
+    folder: str
+    metrics: dict[str, float]
+    n_evaluated: int
+    n_generated: int
+    n_reused: int
+    gen_seconds: float
+    per_image: dict = field(default_factory=dict)
+
+
+def variant_folder(out_root: str | Path, variant: Variant, seed: int) -> Path:
+    return Path(out_root) / f"{variant.setting}__{variant.key()}__seed{seed}"
+
+
+def generate_variant(world, variant: Variant, seed: int, out_root: str | Path, n_images: int,
+                     shard: tuple[int, int] = (0, 1), progress: bool = False):
+    """Generate (resuming) the images of one variant at one base seed, or one shard of them (SLURM arrays)."""
+    items = world.items(SETTINGS[variant.setting]["attribute"], limit=n_images)
+    return generate_eval(items, variant_folder(out_root, variant, seed), world.pipeline(), variant.setting,
+                         shard=shard, base_seed=seed, image_format="png", steps=variant.steps,
+                         guidance=variant.guidance, alpha=variant.alpha, mis=variant.mis,
+                         negative_prompt=world.negative_prompt, progress=progress, drop=variant.drop,
+                         skip_mode=variant.skip_mode)
+
+
+def run_variant(world, variant: Variant, seed: int, out_root: str | Path, n_images: int, *, fid: bool = False,
+                progress: bool = False) -> RunRecord:
+    """Generate (resuming) and score one variant at one base seed."""
+    folder = variant_folder(out_root, variant, seed)
+    summary = generate_variant(world, variant, seed, out_root, n_images, progress=progress)
+    # only the first n_images (a folder shared with a larger run, e.g. notebook 10's, may hold more)
+    score = world.score(variant.setting, folder, limit=n_images, fid=fid, progress=False)
+    per_image = {}
+    if "mask_iou" in score["metrics"]:
+        per_image = score["metrics"]["mask_iou"].get("per_image", {})
+    n_eval = max((v["n_evaluated"] for v in score["metrics"].values() if isinstance(v, dict) and "n_evaluated" in v),
+                 default=0)
+    return RunRecord(variant, seed, str(folder), flat_metrics(score), score["n_images"], summary.n_generated,
+                     summary.n_skipped_existing, round(summary.seconds, 2), per_image)
+
+
+def run_grid(world, variants: Iterable[Variant], seeds: Sequence[int], out_root: str | Path, n_images: int, *,
+             fid: bool = False, progress: bool = True) -> list[RunRecord]:
+    """Every variant at every seed (a progress bar over the runs)."""
+    from tqdm.auto import tqdm
+
+    runs = [(v, s) for v in variants for s in seeds]
+    records = []
+    for v, s in tqdm(runs, desc="runs", disable=not progress):
+        records.append(run_variant(world, v, s, out_root, n_images, fid=fid))
+    return records
+
+
+def aggregate(records: Sequence[RunRecord], row_of=lambda r: r.variant.name) -> dict[str, dict]:
+    """Rows of the results file: per row, each metric's :func:`ci95` over the row's seeds."""
+    rows: dict[str, dict] = {}
+    for r in records:
+        row = rows.setdefault(row_of(r), {"runs": [], "variant": asdict(r.variant)})
+        row["runs"].append(r)
+    out = {}
+    for name, row in rows.items():
+        runs = row["runs"]
+        keys = sorted({k for r in runs for k in r.metrics})
+        out[name] = {"metrics": {k: ci95([r.metrics.get(k, float("nan")) for r in runs]) for k in keys},
+                     "n_evaluated": int(sum(r.n_evaluated for r in runs)),
+                     "n_images_per_seed": int(max(r.n_evaluated for r in runs)),
+                     "seeds": [r.seed for r in runs], "variant": row["variant"],
+                     "gen_seconds": round(sum(r.gen_seconds for r in runs), 2),
+                     "n_generated": int(sum(r.n_generated for r in runs))}
+    return out
+
+
+def real_control(world, n_images: int, settings: Sequence[str] = ("box", "point", "scribble", "color", "texture"),
+                 ) -> dict[str, Any]:
+    """The upper-bound row: the *real* val images scored by the same metric functions (no generation).
+
+    One detector pass over the real files (in the GT frame) feeds box/mask AP, mask IoU and PiM; attribute binding
+    runs on the same files. The metric functions are called directly: the generated-image guard of
+    ``score_setting`` would rightly refuse real images in a generated setting.
+    """
+    from instdiff_lib.evaluation.scoring import attribute_items, real_in_gt_frame
+    from instdiff_lib.evaluation.metrics.clip_metrics import attribute_binding
+    from instdiff_lib.evaluation.metrics.detection import coco_ap, mask_iou, yolo_predict
+    from instdiff_lib.evaluation.metrics.pim import pim
+
+    items = world.items(None, limit=n_images)
+    files = real_in_gt_frame([(it.image_id, Path(world.real_image_dir) / it.file_name) for it in items],
+                             {it.image_id: it for it in items})
+    ids = [i for i, _ in files]
+    kw = {"imgsz": world.imgsz} if world.imgsz else {}
+    preds = yolo_predict(world.detector(), files, device=world.device, class_map=world.class_map, **kw)
+    packed = {"box": coco_ap(world.instances_json, preds, "bbox", ids),
+              "mask": coco_ap(world.instances_json, preds, "segm", ids),
+              "mask_iou": mask_iou(world.instances_json, preds, ids)}
+    out: dict[str, float] = flat_metrics({"metrics": {k: {"values": v.values} for k, v in packed.items()}})
+    for mode in ("point", "scribble"):
+        if mode in settings:
+            out[f"PiM_{mode}"] = float(pim(world.instances_json, preds, ids, mode=mode, seed=0).values["PiM"])
+    for attribute in ("color", "texture"):
+        if attribute not in settings:
+            continue
+        attr_items = attribute_items(world.items(attribute, limit=n_images))
+        vocab = (world.attribute_vocab or {}).get(attribute)
+        kw = {"attribute_vocab": vocab} if vocab else {}
+        r = attribute_binding(attr_items, dict(files), world.clip(), **kw)
+        out[f"{attribute}_acc"] = float(r.values["acc"])
+        out[f"{attribute}_clip_local"] = float(r.values["clip_local"])
+    return {"metrics": out, "n_images": len(files)}
+
+
+def by_instance_count(records: Sequence[RunRecord], world, bins: Sequence[tuple[int, int]] = ((1, 2), (3, 4), (5, 8))
+                      ) -> dict[str, dict]:
+    """Per-image mask IoU (best same-class prediction per GT instance, averaged per image) binned by the number of
+    instances in the layout: mean and 95% CI over the seeds of the per-seed bin means."""
+    n_inst = {it.image_id: len(it.boxes) for it in world.items(None)}
+    out = {}
+    for lo, hi in bins:
+        per_seed = []
+        n = 0
+        for r in records:
+            vals = [v for i, v in r.per_image.items() if lo <= n_inst.get(int(i), -1) <= hi]
+            n += len(vals)
+            per_seed.append(float(np.mean(vals)) if vals else float("nan"))
+        out[f"{lo}-{hi}"] = {**ci95(per_seed), "n_images": n}
+    return out
+
+
+def ablation_variants(base: Variant, spec: dict[str, Sequence]) -> list[tuple[str, Variant]]:
+    """(group, variant) pairs: for each field in ``spec`` (e.g. ``{"mis": [0, 0.2, 0.36, 0.5]}``) the base variant
+    with that one field changed. The base itself appears once per group (so every group has its reference)."""
+    out = []
+    for fld, values in spec.items():
+        for v in values:
+            var = replace(base, **{fld: v})
+            out.append((fld, replace(var, name=f"{fld}={v}")))
+    return out
+
+
+def timed(fn, *args, **kw) -> tuple[Any, float]:
+    t = time.perf_counter()
+    r = fn(*args, **kw)
+    return r, time.perf_counter() - t
