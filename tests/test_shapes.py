@@ -246,3 +246,18 @@ def test_options_instance_range_format_and_argument_checks(tmp_path):
         make_shapes_dataset(tmp_path, 1, seed=0, min_instances=5, max_instances=4)
     with pytest.raises(ValueError):
         make_shapes_dataset(tmp_path, 1, seed=0, image_format="gif")
+
+
+def test_every_instance_keeps_most_of_its_own_pixels_visible():
+    """The world leaves every instance identifiable: a shape hidden below MIN_VISIBLE_FRACTION is dropped."""
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        specs = shapes.random_specs(rng, 64, 8)
+        _, kept, visible = shapes.render_scene(specs, 64, rng)
+        for spec, m in zip(kept, visible):
+            assert m.sum() >= shapes.MIN_VISIBLE_FRACTION * shapes.shape_mask(spec, 64).sum()
+    # and the rule bites: a small shape fully under a big later one is removed
+    big = shapes.ShapeSpec("square", "red", "solid", 32.0, 32.0, 30.0)
+    small = shapes.ShapeSpec("circle", "blue", "solid", 32.0, 32.0, 8.0)
+    _, kept, _ = shapes.render_scene([small, big], 64, np.random.default_rng(0))
+    assert [s.shape for s in kept] == ["square"]

@@ -12,9 +12,10 @@ Conventions (as everywhere in instdiff_lib):
 
 World rules:
 - shapes are drawn back to front in annotation order; a later shape occludes earlier ones, and each
-  annotation stores the *visible* part of its shape only. A shape with fewer than `MIN_VISIBLE_PIXELS`
-  visible pixels is removed from the scene and the scene is re-rendered without it (removal can only
-  enlarge the visible parts of the others, so no further shape drops);
+  annotation stores the *visible* part of its shape only. A shape of which less than
+  `MIN_VISIBLE_FRACTION` of its own pixels (or fewer than `MIN_VISIBLE_PIXELS`) stays visible is removed
+  from the scene and the scene is re-rendered without it, so every annotated instance can be identified
+  from what is drawn (removal can only enlarge the visible parts of the others);
 - a shape's pixels are exactly its colour (`COLOR_RGB`) or, for a non-solid texture, exactly its
   pattern colour (`PATTERN_RGB`, a darker shade); no noise or anti-aliasing on shapes;
 - the background is a light colour with a mild linear gradient and mild noise, at least
@@ -65,6 +66,8 @@ TEXTURE_ADJECTIVE = {"solid": "solid", "stripes": "striped", "dots": "dotted", "
 SHAPES = ["circle", "square", "triangle", "diamond", "cross", "star"]
 
 MIN_VISIBLE_PIXELS = 4  # a shape with fewer visible pixels is dropped
+MIN_VISIBLE_FRACTION = 0.6  # ... and so is one with less than this share of its own pixels visible
+WORLD_VERSION = 2  # bumped whenever the world's rules change: splits written under another version are rewritten
 BACKGROUND_MARGIN = 60.0  # min RGB distance from the background base colour to any shape colour
 _BG_RANGE = (150, 236)  # background base colour channels are drawn from [150, 236)
 _BG_GRADIENT_MAX = 10.0  # |gradient| <= 10 grey levels
@@ -174,7 +177,8 @@ def render_scene(
     """Draw `specs` back to front on a random light background (drawn from `rng`).
 
     Returns (image (size, size, 3) uint8, kept specs, their visible (size, size) bool masks). Shapes with
-    fewer than MIN_VISIBLE_PIXELS visible pixels are dropped and the scene is drawn without them.
+    fewer than MIN_VISIBLE_PIXELS visible pixels, or less than MIN_VISIBLE_FRACTION of their own pixels visible,
+    are dropped and the scene is drawn without them.
     """
     background = _background(rng, size)
     full = [shape_mask(s, size) for s in specs]
@@ -184,7 +188,8 @@ def render_scene(
         for j, i in enumerate(keep):
             owner[full[i]] = j
         visible = [owner == j for j in range(len(keep))]
-        small = [j for j, m in enumerate(visible) if m.sum() < MIN_VISIBLE_PIXELS]
+        small = [j for j, (i, m) in enumerate(zip(keep, visible))
+                 if m.sum() < max(MIN_VISIBLE_PIXELS, MIN_VISIBLE_FRACTION * full[i].sum())]
         if not small:
             break
         keep = [i for j, i in enumerate(keep) if j not in small]
@@ -368,6 +373,7 @@ def make_shapes_dataset(
     info = {
         "description": "instdiff Shapes world (procedural, deterministic)",
         "seed": seed,
+        "world_version": WORLD_VERSION,
         "split": split,
         "size": size,
         "min_instances": min_instances,
@@ -416,14 +422,24 @@ def shapes_layouts(split: ShapesSplit | str | os.PathLike) -> list[tuple[int, st
     return out
 
 
-def train_split(root: Path, n_images: int, seed: int, size: int) -> ShapesSplit:
-    """The Shapes "train" split under ``root``: reused when it was written with the same seed and size and has
-    at least ``n_images`` images (image i does not depend on the split size), else (re)written."""
+def current_split(root: str | os.PathLike, split: str, seed: int, size: int = 64,
+                  n_images: int | None = None, at_least: int | None = None) -> ShapesSplit | None:
+    """The split ``split`` under ``root`` if it was written by this world version with ``seed`` and ``size`` and
+    has exactly ``n_images`` (or at least ``at_least``) images; else None (missing, stale or another size)."""
     try:
-        split = ShapesSplit.load(root, "train")
-        info = json.loads(split.instances_json.read_text()).get("info", {})
-        if info.get("seed") == seed and info.get("size") == size and split.n_images >= n_images:
-            return split
+        found = ShapesSplit.load(Path(root), split)
+        info = json.loads(found.instances_json.read_text()).get("info", {})
     except (FileNotFoundError, ValueError, KeyError):
-        pass
-    return make_shapes_dataset(root, n_images, seed, size=size, split="train")
+        return None
+    if (info.get("seed"), info.get("size"), info.get("world_version")) != (seed, size, WORLD_VERSION):
+        return None
+    if (n_images is not None and found.n_images != n_images) or (at_least is not None and found.n_images < at_least):
+        return None
+    return found
+
+
+def train_split(root: Path, n_images: int, seed: int, size: int) -> ShapesSplit:
+    """The Shapes "train" split under ``root``: reused when this world version wrote it with the same seed and size
+    and it has at least ``n_images`` images (image i does not depend on the split size), else (re)written."""
+    return (current_split(root, "train", seed, size, at_least=n_images)
+            or make_shapes_dataset(root, n_images, seed, size=size, split="train"))

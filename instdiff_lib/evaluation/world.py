@@ -121,16 +121,11 @@ def shapes_world(n_val: int = 64, data_root: str | os.PathLike | None = None, se
                  model: str | None = None, device: str = "cpu") -> World:
     """The Shapes world: a deterministic val split (written on first use; ``n_val`` images, ``seed``) and the
     committed mini model and evaluators."""
-    from instdiff_lib.datasets.shapes import ShapesSplit, make_shapes_dataset
+    from instdiff_lib.datasets.shapes import current_split, make_shapes_dataset
     from instdiff_lib.evaluation.shapes_evaluators import SHAPES_ATTRIBUTE_VOCAB, YOLO_IMGSZ, YOLO_WEIGHTS
 
     root = Path(data_root) if data_root else project_root() / "outputs" / "data" / f"shapes_val_{n_val}_s{seed}"
-    try:
-        split = ShapesSplit.load(root, "val")
-        if split.n_images != n_val:
-            raise FileNotFoundError
-    except FileNotFoundError:
-        split = make_shapes_dataset(root, n_val, seed, split="val")
+    split = current_split(root, "val", seed, n_images=n_val) or make_shapes_dataset(root, n_val, seed, split="val")
     m = models_dir()
     return World(name="shapes", model=model or str(m / "shapes-mini"), instances_json=split.instances_json,
                  captions_json=split.captions_json, real_image_dir=split.image_dir,

@@ -5,6 +5,8 @@ Every switch an ablation needs is a field here (never a source edit):
 * ``fusers``      -- UniFusion gated self-attention on (the method) or off (plain SD backbone).
 * ``skip_mode``   -- "scaleu" (official), "freeu" (FreeU with the official b1/b2/s1/s2) or "none".
 * ``drop``        -- which location modalities are fed (the official ``test_drop_*`` flags).
+* ``fuser_attention`` -- "full" (the released code) or "instance_masked" (the paper's masked attention; models
+                      trained from scratch), with ``point_region`` the half-width of a point's region.
 
 Presets:
 
@@ -25,6 +27,7 @@ from typing import Any
 import yaml
 
 SKIP_MODES = ("scaleu", "freeu", "none")
+FUSER_ATTENTION = ("full", "instance_masked")
 
 
 @dataclass
@@ -171,10 +174,16 @@ class ModelConfig:
     fusers: bool = True
     skip_mode: str = "scaleu"
     drop: DropFlags = field(default_factory=DropFlags)
+    # "full": every visual token sees every object token (the released code: its masked attention never runs).
+    # "instance_masked": an instance's location tokens are seen only from its region (model/fuser_mask.py).
+    fuser_attention: str = "full"
+    point_region: float = 0.1  # instance_masked: half-width (normalised) of the square region of a point-only instance
 
     def __post_init__(self) -> None:
         if self.skip_mode not in SKIP_MODES:
             raise ValueError(f"skip_mode must be one of {SKIP_MODES}, got {self.skip_mode!r}")
+        if self.fuser_attention not in FUSER_ATTENTION:
+            raise ValueError(f"fuser_attention must be one of {FUSER_ATTENTION}, got {self.fuser_attention!r}")
         if self.unifusion.out_dim != self.unet.context_dim:
             raise ValueError("unifusion.out_dim must equal unet.context_dim (object tokens enter the fusers)")
 
@@ -262,7 +271,8 @@ def shapes_mini() -> ModelConfig:
     train); v-prediction (see :class:`ScheduleConfig`); a small UNet with attention (hence fusers) only at 8x8 (one token per 8x8 pixels: attention at
     16x16 as well made a training step 1.8x slower on 2 CPU cores); the full
     UniFusion token layout (30 slots, 64 seg tokens = 184 object tokens) with a tiny ConvNeXt; a 2-layer
-    CLIP text tower of width 64 (its 49,408-token vocabulary is the CLIP tokenizer's).
+    CLIP text tower of width 64 (its 49,408-token vocabulary is the CLIP tokenizer's); instance-masked fuser
+    attention (:mod:`instdiff_lib.model.fuser_mask`: a from-scratch model does not ground its layouts without it).
     """
     return ModelConfig(
         name="shapes-mini",
@@ -274,6 +284,7 @@ def shapes_mini() -> ModelConfig:
         text=TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                         projection_dim=64),
         schedule=ScheduleConfig(prediction_type="v_prediction"),
+        fuser_attention="instance_masked",
     )
 
 

@@ -6,6 +6,9 @@
   scale 1). The official per-step ``scale`` is only ever 0 or 1; 0 is ``fuser.enabled = False``.
 * ``position_net`` replaces diffusers' GLIGEN projection (before any strict load).
 * ScaleU parameters live under ``scaleu.`` in the UNet's state dict.
+* ``fuser_attention="instance_masked"`` (models trained from scratch) turns every fuser into an
+  :class:`~instdiff_lib.model.fuser_mask.InstanceMaskedFuser` (same parameters); the UNet then needs the
+  instances' regions (:meth:`InstanceUNet.regions`) beside the object tokens.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention import GatedSelfAttentionDense
 
 from instdiff_lib.model.config import DropFlags, ModelConfig, UNetConfig
+from instdiff_lib.model.fuser_mask import InstanceMaskedFuser, MaskedTokens, instance_regions
 from instdiff_lib.model.skips import FreeU, ScaleU, attach_skip_hooks, decoder_h_channels
 from instdiff_lib.model.unifusion import UniFusion
 
@@ -50,8 +54,9 @@ def coordinate_planes(x: torch.Tensor) -> torch.Tensor:
 class InstanceUNet(nn.Module):
     """eps-prediction UNet with instance conditioning.
 
-    ``forward(x, t, context, objs, gate)``: ``objs`` are object tokens from :meth:`tokenize` (or None for
-    a call without grounding, i.e. fusers skipped); ``gate`` is the official fuser scale (0 or 1).
+    ``forward(x, t, context, objs, gate, regions)``: ``objs`` are object tokens from :meth:`tokenize` (or None
+    for a call without grounding, i.e. fusers skipped); ``gate`` is the official fuser scale (0 or 1);
+    ``regions`` come from :meth:`regions` (instance-masked fusers only, else None).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -66,6 +71,10 @@ class InstanceUNet(nn.Module):
         expected = cfg.unet.n_transformer_blocks
         if len(self.fusers) != expected:
             raise RuntimeError(f"expected {expected} gated fusers (one per transformer block), found {len(self.fusers)}")
+        self.masked = cfg.fuser_attention == "instance_masked"
+        if self.masked:
+            for f in self.fusers:
+                f.__class__ = InstanceMaskedFuser  # same parameters and names, masked attention
         self._hooks: list = []
         self.set_skip_mode(cfg.skip_mode)
         self._coords: torch.Tensor | None = None  # coord_channels: [1, 2, H, W], built on first use per grid/device/dtype
@@ -106,10 +115,24 @@ class InstanceUNet(nn.Module):
                                                                     "scribbles", "polygons", "segs", "points")),
                                           drop=drop)
 
+    def regions(self, grounding: dict[str, torch.Tensor], drop: DropFlags | None, size: tuple[int, int],
+                ) -> torch.Tensor | None:
+        """The instances' regions [B, N, H, W] at the latent grid ``size`` for instance-masked fusers (None for full
+        attention). Like the tokens, they depend on neither x nor t: compute them once per run and branch."""
+        if not self.masked:
+            return None
+        return instance_regions(grounding, drop or self.position_net.drop, size, self.cfg.point_region)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, objs: torch.Tensor | None,
-                gate: float = 1) -> torch.Tensor:
+                gate: float = 1, regions: torch.Tensor | None = None) -> torch.Tensor:
         self.set_gate(gate if objs is not None else 0)
-        kwargs = {"gligen": {"objs": objs}} if objs is not None else None
+        kwargs = None
+        if objs is not None:
+            if self.masked:
+                if regions is None:
+                    raise ValueError("instance-masked fusers need the instances' regions (InstanceUNet.regions)")
+                objs = MaskedTokens(objs, regions, self.cfg.unifusion.n_seg_tokens)
+            kwargs = {"gligen": {"objs": objs}}
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         if self.cfg.unet.coord_channels:

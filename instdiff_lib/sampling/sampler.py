@@ -99,6 +99,7 @@ class Branch:
     context: torch.Tensor
     grounding: dict[str, torch.Tensor]
     objs: torch.Tensor | None = None  # filled once per run
+    regions: torch.Tensor | None = None  # instance-masked fusers only: filled once per run
 
 
 @dataclass
@@ -133,20 +134,26 @@ class Sampler:
         device, dtype = x_T.device, x_T.dtype
 
         null = self.model.position_net.null_grounding(x_T.shape[0], device=device, seg_size=1)
-        null_objs = None
-        if batched:  # tokens once per run and branch, not per step
+        null_objs = null_regions = None
+        grid = tuple(x_T.shape[-2:])
+        if batched:  # tokens (and regions) once per run and branch, not per step
             for br in active:
                 br.objs = self.model.tokenize(br.grounding, drop).to(dtype)
+                br.regions = self.model.regions(br.grounding, drop, grid)
             null_objs = self.model.tokenize(null, drop).to(dtype)
+            null_regions = self.model.regions(null, drop, grid)
             stats.tokenizations += len(active) + 1
 
-        cond_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # n branches -> (contexts, tokens), per phase
+        cond_cache: dict[int, tuple] = {}  # n branches -> (contexts, tokens, regions), per phase
 
         def guided_eps(xs: list[torch.Tensor], brs: list[Branch], t: int, gate: int) -> list[torch.Tensor]:
             if batched:
                 if len(brs) not in cond_cache:  # [cond of every branch | uncond of every branch], built once
+                    regions = None
+                    if null_regions is not None:
+                        regions = torch.cat([br.regions for br in brs] + [null_regions] * len(brs))
                     cond_cache[len(brs)] = (torch.cat([br.context for br in brs] + [uc] * len(brs)),
-                                            torch.cat([br.objs for br in brs] + [null_objs] * len(brs)))
+                                            torch.cat([br.objs for br in brs] + [null_objs] * len(brs)), regions)
                 return self._eps_batched(xs, *cond_cache[len(brs)], t, gate, guidance, max_batch, stats)
             return [self._eps_reference(x, br, uc, null, t, gate, guidance, drop, stats) for x, br in zip(xs, brs)]
 
@@ -180,7 +187,8 @@ class Sampler:
         return xs[0]
 
     # ---- eps evaluations -----------------------------------------------------------------------
-    def _eps_batched(self, xs, ctx_all, objs_all, t, gate, guidance, max_batch, stats) -> list[torch.Tensor]:
+    def _eps_batched(self, xs, ctx_all, objs_all, regions_all, t, gate, guidance, max_batch,
+                     stats) -> list[torch.Tensor]:
         """All branches x both guidance halves in as few UNet calls as ``max_batch`` allows."""
         B = xs[0].shape[0]
         x_all = torch.cat(xs + xs)
@@ -189,7 +197,8 @@ class Sampler:
         outs = []
         for s in range(0, n, chunk):
             tt = torch.full((min(chunk, n - s),), t, dtype=torch.int64, device=x_all.device)
-            outs.append(self.model(x_all[s:s + chunk], tt, ctx_all[s:s + chunk], objs_all[s:s + chunk], gate))
+            regions = regions_all[s:s + chunk] if regions_all is not None else None
+            outs.append(self.model(x_all[s:s + chunk], tt, ctx_all[s:s + chunk], objs_all[s:s + chunk], gate, regions))
             stats.unet_batches += 1
         stats.unet_calls += 2 * len(xs)
         eps = torch.cat(outs)
@@ -210,8 +219,11 @@ class Sampler:
     def _eps_reference(self, x, br, uc, null, t, gate, guidance, drop, stats) -> torch.Tensor:
         """The official order: conditional and unconditional calls separately, tokens recomputed."""
         tt = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
-        e_c = self.model(x, tt, br.context, self.model.tokenize(br.grounding, drop).to(x.dtype), gate)
-        e_u = self.model(x, tt, uc, self.model.tokenize(null, drop).to(x.dtype), gate)
+        grid = tuple(x.shape[-2:])
+        e_c = self.model(x, tt, br.context, self.model.tokenize(br.grounding, drop).to(x.dtype), gate,
+                         self.model.regions(br.grounding, drop, grid))
+        e_u = self.model(x, tt, uc, self.model.tokenize(null, drop).to(x.dtype), gate,
+                         self.model.regions(null, drop, grid))
         stats.unet_calls += 2
         stats.unet_batches += 2
         stats.tokenizations += 2

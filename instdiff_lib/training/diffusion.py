@@ -74,7 +74,7 @@ from instdiff_lib.model.config import DropFlags, ModelConfig, get_config
 from instdiff_lib.fileio import atomic_write_text
 from instdiff_lib.layouts.layout import grounding_arrays
 from instdiff_lib.sampling.sampler import alphas_cumprod
-from instdiff_lib.datasets.shapes import shapes_layouts, train_split
+from instdiff_lib.datasets.shapes import WORLD_VERSION, shapes_layouts, train_split
 from instdiff_lib.model.text import MAX_TOKENS, PromptTooLongError, clip_tokenizer
 
 STATE_FORMAT = "instdiff-train-v1"
@@ -84,7 +84,7 @@ EXPORT_DTYPES = ("float16", "float32")
 
 # Fields that may change when resuming (they do not affect the weights at a given step).
 RESUME_MUTABLE = frozenset({"steps", "minutes", "ckpt_every", "log_every", "out_dir", "figure", "export_dtype",
-                            "threads", "progress", "data_dir", "cache", "resume", "device"})
+                            "threads", "progress", "data_dir", "cache", "resume", "device", "gap_every", "gap_images"})
 
 
 # ---- configuration ------------------------------------------------------------------------------
@@ -115,6 +115,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     ckpt_every: int = 250
     log_every: int = 10
+    gap_every: int = 500  # grounding gap (live weights, boxes fed) into loss.csv every so many steps; 0 = never
+    gap_images: int = 64  # first train images the gap is measured on
     seed: int = 0
     figure: str | None = "figures/train_shapes__loss.png"
     export_dtype: str = "float16"
@@ -131,6 +133,8 @@ class TrainConfig:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if self.minutes is not None and self.minutes <= 0:
             raise ValueError(f"minutes must be > 0, got {self.minutes}")
+        if self.gap_every < 0 or self.gap_images < 2:
+            raise ValueError(f"gap_every must be >= 0 and gap_images >= 2, got {self.gap_every}, {self.gap_images}")
         for name in ("n_train_images", "batch_size", "ckpt_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -182,7 +186,8 @@ class ShapesTrainSet:
         self.n_images, self.seed, self.size, self.seg_size, self.n_slots = n_images, seed, size, seg_size, n_slots
         tok = clip_tokenizer()
         self.empty_ids = np.asarray(tok([""], padding="max_length", max_length=MAX_TOKENS).input_ids[0], np.int64)
-        key = hashlib.sha256(json.dumps([CACHE_VERSION, n_images, seed, size, seg_size, n_slots]).encode()).hexdigest()
+        key = hashlib.sha256(json.dumps([CACHE_VERSION, WORLD_VERSION, n_images, seed, size, seg_size,
+                                         n_slots]).encode()).hexdigest()
         cache_path = self.root / f"train_cache_{key[:16]}.npz"
         if cache and cache_path.exists():
             with np.load(cache_path, allow_pickle=False) as z:
@@ -408,8 +413,9 @@ def diffusion_loss(model: Trainable, vae, batch: dict[str, torch.Tensor], t: tor
     a = acp[t].view(-1, 1, 1, 1)
     xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
     context, grounding = conditioning(model, batch, null, drop_caption)
-    objs = model.unet.tokenize(grounding, drop=drop or DropFlags.preset("all"))
-    out = model.unet(xt, t, context, objs, gate=1)
+    drop = drop or DropFlags.preset("all")
+    objs = model.unet.tokenize(grounding, drop=drop)
+    out = model.unet(xt, t, context, objs, gate=1, regions=model.unet.regions(grounding, drop, xt.shape[-2:]))
     if _predicts_v(model):
         target = a.sqrt() * noise - (1 - a).sqrt() * x0
     else:
@@ -485,7 +491,8 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 class Trainer:
     """One training run: data, model, optimizer, EMA, state. :func:`train_shapes` is ``Trainer(cfg).run()``."""
 
-    CSV_FIELDS = ("step", "loss", "lr", "grad_norm", "elapsed_s", "steps_per_s")
+    CSV_FIELDS = ("step", "loss", "lr", "grad_norm", "elapsed_s", "steps_per_s", "gap_loss", "gap_null",
+                  "gap_shuffled")
 
     def __init__(self, cfg: TrainConfig, data: ShapesTrainSet | None = None):
         self.cfg = cfg
@@ -694,6 +701,15 @@ class Trainer:
         ax.set_title(f"{self.model_cfg.name} on Shapes: batch {self.cfg.batch_size}, lr {self.cfg.lr:g}, "
                      f"seed {self.cfg.seed}", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
+        gap = [(int(r["step"]), float(r["gap_null"]) / float(r["gap_loss"]),
+                float(r["gap_shuffled"]) / float(r["gap_loss"])) for r in rows if r.get("gap_null")]
+        if gap:
+            g = np.array(gap)
+            ax2 = ax.twinx()
+            ax2.plot(g[:, 0], 100 * g[:, 1], "o-", color="tab:green", ms=3, lw=1, label="gap, null layout (% of loss)")
+            ax2.plot(g[:, 0], 100 * g[:, 2], "s-", color="tab:red", ms=3, lw=1, label="gap, wrong layout (% of loss)")
+            ax2.set_ylabel("grounding gap (% of loss)")
+            ax2.legend(fontsize=7, loc="upper center")
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = Path(self.cfg.figure)
@@ -701,6 +717,20 @@ class Trainer:
         fig.savefig(path)
         plt.close(fig)
         return path
+
+    def _gap_columns(self) -> dict[str, str]:
+        """The grounding gap at this step (every ``gap_every`` steps, on log steps): the loss with the true layout,
+        and how much it rises with the null / the next image's layout (:func:`grounding_gap`, live weights). Its
+        wall time is not counted in ``elapsed_s``. A run whose gaps stay near 0 is not learning to use its layouts."""
+        every = self.cfg.gap_every
+        if not every or self.step % every:
+            return {}
+        t0 = time.perf_counter()
+        g = grounding_gap(self.model, self.comp.vae, self.acp, self.data, n_images=min(self.cfg.gap_images,
+                          len(self.data)), drop="box", batch_size=min(32, self.cfg.gap_images))
+        self._gap_s += time.perf_counter() - t0
+        return {"gap_loss": f"{g['true']:.6f}", "gap_null": f"{g['gap_null']:.6f}",
+                "gap_shuffled": f"{g['gap_shuffled']:.6f}"}
 
     # ---- the loop ---------------------------------------------------------------------------------
     def done(self) -> bool:
@@ -717,6 +747,7 @@ class Trainer:
         start_step = self.step
         t0 = time.perf_counter()
         elapsed0 = self.elapsed_s
+        self._gap_s = 0.0  # time spent measuring grounding gaps this session (not training time)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, unit="step", dynamic_ncols=True,
                    desc=f"train {self.model_cfg.name}")
         smooth = None
@@ -724,7 +755,7 @@ class Trainer:
         try:
             while not self.done():
                 loss, gnorm = self.train_step()
-                self.elapsed_s = elapsed0 + (time.perf_counter() - t0)
+                self.elapsed_s = elapsed0 + (time.perf_counter() - t0 - self._gap_s)
                 self.window.append(loss)
                 smooth = loss if smooth is None else 0.98 * smooth + 0.02 * loss
                 sps = (self.step - start_step) / max(time.perf_counter() - t0, 1e-9)
@@ -736,9 +767,9 @@ class Trainer:
                     self._append_csv({"step": self.step, "loss": f"{float(np.mean(self.window)):.6f}",
                                       "lr": f"{self.lr_at(self.step - 1):.6g}", "grad_norm": f"{gnorm:.4f}",
                                       "elapsed_s": f"{self.elapsed_s:.2f}",
-                                      "steps_per_s": f"{rate:.4f}"})
+                                      "steps_per_s": f"{rate:.4f}", **self._gap_columns()})
                     self.window = []
-                    last_log_t, last_log_step = now, self.step
+                    last_log_t, last_log_step = time.perf_counter(), self.step
                 if self.step % cfg.ckpt_every == 0:
                     self.save_state()
                     self.plot()
@@ -779,7 +810,7 @@ def _cmd_train_shapes(args: argparse.Namespace) -> int:
     cfg = TrainConfig(model=args.model, out_dir=args.out, data_dir=args.data_dir, n_train_images=args.n_images,
                       data_seed=args.data_seed, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
                       steps=args.steps, minutes=args.minutes, ema_decay=args.ema_decay, ckpt_every=args.ckpt_every,
-                      log_every=args.log_every, seed=args.seed, figure=args.figure or None,
+                      log_every=args.log_every, gap_every=args.gap_every, seed=args.seed, figure=args.figure or None,
                       export_dtype=args.export_dtype, threads=args.threads, progress=not args.no_progress,
                       resume=args.resume, device=args.device)
     summary = train_shapes(cfg)
@@ -811,6 +842,8 @@ def add_train_parser(subparsers):
     s.add_argument("--seed", type=int, default=d.seed)
     s.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
     s.add_argument("--log-every", type=int, default=d.log_every)
+    s.add_argument("--gap-every", type=int, default=d.gap_every,
+                   help="log the grounding gap (null / wrong layout) every N steps (0: never)")
     s.add_argument("--figure", default=d.figure, help="loss-curve PNG ('' for none)")
     s.add_argument("--export-dtype", choices=EXPORT_DTYPES, default=d.export_dtype)
     s.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
