@@ -170,7 +170,7 @@ def _subset_split(split: ShapesSplit, n: int, out_dir: Path) -> ShapesSplit:
 @dataclass
 class ClipTrainConfig:
     n_images: int = 3000  # first images of the Shapes train split
-    steps: int = 800
+    steps: int = 2400
     batch: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.1
