@@ -45,7 +45,7 @@ class App:
 
         # ---- drawing ------------------------------------------------------------------------------------
         self.canvas = tag(W.Image(format="png", width=size, height=size,
-                                  layout=W.Layout(width=f"{size}px", height=f"{size}px", cursor="crosshair")), "canvas")
+                                  layout=W.Layout(width=f"{size}px", height=f"{size}px")), "canvas")
         self.events = Event(source=self.canvas, watched_events=["mousedown", "mouseup", "mouseleave"],
                             prevent_default_action=True)
         self.moves = Event(source=self.canvas, watched_events=["mousemove"], prevent_default_action=True,
