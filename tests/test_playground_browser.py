@@ -164,23 +164,26 @@ def drawn(lab, driver):
     t0 = time.monotonic()
     driver.get(f"{lab['url']}/lab/tree/02_playground.ipynb?token={lab['token']}")
     try:
-        _wait("the notebook and its kernel", lambda: _css(driver, ".jp-Notebook") and driver.execute_script(
-            "return document.querySelector('.jp-Notebook-ExecutionIndicator, .jp-DebuggerBugButton, "
-            ".jp-Toolbar-kernelStatus') !== null"), timeout=240)
+        # the kernel: a "Select Kernel" dialog may ask which one to start (accept the notebook's own, python3)
+        _wait("the notebook's kernel to be idle", lambda: driver.execute_script(
+            "const ok = document.querySelector('.jp-Dialog .jp-mod-accept'); if (ok) { ok.click(); return false; }"
+            "const bar = document.querySelector('.jp-StatusBar-Widget');"
+            "return document.querySelector('.jp-Notebook') !== null && bar !== null && bar.innerText.includes('Idle');"),
+            timeout=600)
         _wait("the Run menu", lambda: [e for e in driver.find_elements("css selector", ".lm-MenuBar-itemLabel")
-                                       if e.text == "Run"][0].click() or True, timeout=30)
+                                       if e.text == "Run"][0].click() or True, timeout=120)
         _wait("Run All Cells", lambda: [e for e in driver.find_elements("css selector", ".lm-Menu-itemLabel")
-                                        if e.text == "Run All Cells"][0].click() or True, timeout=30)
+                                        if e.text == "Run All Cells"][0].click() or True, timeout=120)
         canvas = _wait("the playground canvas", lambda: driver.execute_script(
             # a "Select Kernel" dialog may ask which kernel to start: accept the notebook's own (python3)
             "const ok = document.querySelector('.jp-Dialog .jp-mod-accept'); if (ok) ok.click();"
             "const c = document.querySelector('img.instdiff-canvas'); return c && c.naturalWidth > 0 ? c : null;"),
-            timeout=300)
+            timeout=900)  # seconds on an idle machine (torch's import, the model's first load); long when shared
         startup_s = time.monotonic() - t0
         driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", _css(driver, ".instdiff-tool"))
         _css(driver, ".instdiff-clear").click()
         _wait("a blank canvas", lambda: len(driver.find_elements("css selector", ".instdiff-instances option")) == 0,
-              timeout=30)
+              timeout=120)
         _type(driver, ".instdiff-steps input", str(STEPS))
         _type(driver, ".instdiff-out-dir input", out_rel)
         _type(driver, ".instdiff-save-path input", save_rel)
@@ -193,18 +196,18 @@ def drawn(lab, driver):
             chain = chain.move_to_element_with_offset(canvas, x0 + (x1 - x0) * k / 5 - c, y0 + (y1 - y0) * k / 5 - c)
         chain.release().perform()
         _wait("the drawn box in the instance list", lambda: [o.text for o in driver.find_elements(
-            "css selector", ".instdiff-instances option")] == ["0: (no caption) [box]"], timeout=30)
+            "css selector", ".instdiff-instances option")] == ["0: (no caption) [box]"], timeout=120)
         _type(driver, ".instdiff-caption input", CAPTION)
         _wait("the caption on the instance", lambda: [o.text for o in driver.find_elements(
-            "css selector", ".instdiff-instances option")] == [f"0: {CAPTION} [box]"], timeout=30)
+            "css selector", ".instdiff-instances option")] == [f"0: {CAPTION} [box]"], timeout=120)
         driver.save_screenshot(str(SHOTS / "playground_drawn.png"))
 
         t1 = time.monotonic()
         _css(driver, ".instdiff-generate").click()
-        _wait("the generated image", lambda: "done in" in _css(driver, ".instdiff-message").text, timeout=600)
+        _wait("the generated image", lambda: "done in" in _css(driver, ".instdiff-message").text, timeout=900)
         generate_s = time.monotonic() - t1
         _css(driver, ".instdiff-save").click()
-        _wait("the saved layout", lambda: "saved" in _css(driver, ".instdiff-message").text, timeout=30)
+        _wait("the saved layout", lambda: "saved" in _css(driver, ".instdiff-message").text, timeout=120)
         result_px = driver.execute_script("return document.querySelector('img.instdiff-result-image').naturalWidth;")
         driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", _css(driver, ".instdiff-tool"))
         driver.save_screenshot(str(SHOTS / "playground.png"))
