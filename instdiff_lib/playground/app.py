@@ -94,7 +94,8 @@ class App:
         self.message = tag(W.HTML(value=""), "message")
         self.log = tag(W.Output(), "log")  # the progress bar while generating
         half = f"{size // 2}px"
-        self.result_images = [tag(W.Image(format="png", width=size // 2, height=size // 2,
+        blank = _png(Image.new("RGB", (size // 2, size // 2), (245, 245, 245)))  # until the first result
+        self.result_images = [tag(W.Image(value=blank, format="png", width=size // 2, height=size // 2,
                                           layout=W.Layout(width=half, height=half)), f"result-{k}")
                               for k in ("image", "layout", "overlay")]
         self.command = tag(W.HTML(value=""), "command")
@@ -120,7 +121,7 @@ class App:
         session.listeners.append(self._on_result)
 
         draw = W.VBox([self.tool, W.HBox([
-            W.Box([self.canvas], layout=W.Layout(border="1px solid #888", width=f"{size + 2}px", height=f"{size + 2}px")),
+            W.Box([self.canvas], layout=W.Layout(border="1px solid #888", overflow="visible", flex="0 0 auto")),
             W.VBox([self.caption, self.instances, W.HBox([self.delete, self.finish]), self.prompt, self.underlay,
                     W.HBox([self.load_file, self.load, self.clear]), W.HBox([self.save_path, self.save])],
                    layout=W.Layout(width="460px"))])])
