@@ -23,9 +23,9 @@ setup: $(STAMP)
 report: $(STAMP)
 	$(BIN)/instdiff report all --profile $(PROFILE)
 
-## JupyterLab on the notebooks, with the project's venv as the kernel.
+## JupyterLab on the notebooks, with the project's venv as the kernel; opens the playground (02_playground) first.
 lab: $(STAMP)
-	$(BIN)/jupyter lab --notebook-dir=notebooks
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(CURDIR)/notebooks/02_playground.ipynb
 
 ## Demo images from our layout files with the embedded default model.
 demo: $(STAMP)

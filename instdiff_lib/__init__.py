@@ -8,6 +8,7 @@ The packages follow the data flow, and imports point downward only (``tests/test
     datasets                  COCO and the procedural Shapes world (the data)
     evaluation                protocol generation, metrics, scoring, experiments, the evaluation worlds
     extension, training       LLM-planned layouts + placement check; training the Shapes model and evaluators
+    playground                the JupyterLab playground (draw a layout, Generate): editor, session, widgets
     report                    the notebooks' steps, runner and blog
     cli, bench                the ``instdiff`` command and the benchmarks
 

@@ -41,7 +41,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.layout, args.out, model=args.model, seed=args.seed, steps=args.steps, guidance=args.guidance,
         alpha=args.alpha, mis=args.mis, num_images=args.num_images, device=_device(args.device),
         dtype=_dtype(args.dtype), drop=args.drop, negative_prompt=args.negative_prompt, truncate=args.truncate,
-        refine=args.refine, overwrite=args.overwrite, verify=not args.no_verify, method=args.method)
+        refine=args.refine, overwrite=args.overwrite, verify=not args.no_verify, method=args.method,
+        skip_mode=args.skip_mode)
     for p in paths:
         print(p)
     return 0
@@ -217,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop", default="mask", choices=["mask", "box", "point", "all"],
                    help="modality preset (official test_*.yaml): mask (default), box, point, all (scribbles)")
     g.add_argument("--method", default="plms", choices=["plms", "ddim"])
+    g.add_argument("--skip-mode", default=None, choices=["scaleu", "freeu", "none"],
+                   help="decoder-skip scaling: scaleu (official), freeu or none; default: the model's own")
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--truncate", action="store_true", help="keep the first 30 instances instead of failing")
     g.add_argument("--refine", type=float, default=0.0, metavar="STRENGTH",

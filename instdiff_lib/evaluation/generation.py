@@ -14,7 +14,6 @@ to ``manifest-{i:03d}-of-{n:03d}.jsonl`` per finished image::
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -26,6 +25,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from instdiff_lib.fileio import atomic_write_bytes, sha256_file
+from instdiff_lib.sampling.generate import skip_mode_set
 
 # Evaluation settings: which modalities are fed (official test_*.yaml) and which attribute is added.
 SETTINGS: dict[str, dict] = {
@@ -104,14 +104,6 @@ def read_manifest(out_dir: str | Path) -> list[dict]:
     return sorted(rows.values(), key=lambda r: r["image_id"])
 
 
-@contextlib.contextmanager
-def _restore_skip(unet, mode: str):
-    try:
-        yield
-    finally:
-        unet.set_skip_mode(mode)
-
-
 def generate_eval(items: list, out_dir: str | Path, pipe, setting: str, *, shard: tuple[int, int] = (0, 1),
                   base_seed: int = 0, image_format: str = "jpg", quality: int = 75, steps: int | None = None,
                   guidance: float | None = None, alpha: float | None = None, mis: float | None = None,
@@ -131,8 +123,7 @@ def generate_eval(items: list, out_dir: str | Path, pipe, setting: str, *, shard
     out_dir.mkdir(parents=True, exist_ok=True)
     drop = drop or SETTINGS[setting]["drop"]
     unet = pipe.c.unet
-    old_skip = unet.skip_mode
-    skip_mode = skip_mode or old_skip
+    skip_mode = skip_mode or unet.skip_mode
     config = {"setting": setting, "drop": drop, "skip_mode": skip_mode, **p, "negative_prompt": negative_prompt,
               "base_seed": base_seed, "model": pipe.c.label, "model_config": pipe.cfg.name,
               "image_size": pipe.cfg.image_size, "format": image_format, "quality": quality,
@@ -153,8 +144,7 @@ def generate_eval(items: list, out_dir: str | Path, pipe, setting: str, *, shard
     mpath = manifest_path(out_dir, shard)
     t0, n_gen, n_skip = time.perf_counter(), 0, 0
     bar = tqdm(mine, desc=f"{setting} shard {shard[0]}/{shard[1]}", disable=not progress)
-    unet.set_skip_mode(skip_mode)
-    with _restore_skip(unet, old_skip), open(mpath, "a") as manifest:
+    with skip_mode_set(unet, skip_mode), open(mpath, "a") as manifest:
         for item in bar:
             fname = f"{Path(item.file_name).stem}.{image_format}"
             target = out_dir / fname

@@ -25,6 +25,9 @@ from instdiff_lib.results import PROFILES, project_root
 NOTEBOOKS = ("00_setup_check", "01_demos", "10_location_formats", "11_attribute_binding", "20_ablations",
              "30_extension", "99_blogpost")
 GENERATION_NOTEBOOKS = ("10_location_formats", "11_attribute_binding")
+# notebooks outside the report chain (never run by ``report all`` or SLURM): run one by name, e.g. the playground's
+# headless example (``instdiff report notebook 02_playground``)
+STANDALONE_NOTEBOOKS = ("02_playground",)
 
 
 class NotebookFailed(RuntimeError):
@@ -32,8 +35,9 @@ class NotebookFailed(RuntimeError):
 
 
 def notebook_path(name: str) -> Path:
-    if name not in NOTEBOOKS:
-        raise ValueError(f"unknown notebook {name!r}; the report's notebooks are {list(NOTEBOOKS)}")
+    if name not in NOTEBOOKS + STANDALONE_NOTEBOOKS:
+        raise ValueError(f"unknown notebook {name!r}; the report's notebooks are {list(NOTEBOOKS)} "
+                         f"(and outside the chain {list(STANDALONE_NOTEBOOKS)})")
     return project_root() / "notebooks" / f"{name}.ipynb"
 
 
@@ -159,7 +163,7 @@ def add_report_parser(sub) -> None:
     r = sub.add_parser("report", help="run the report's notebooks (papermill), its generation shards, its blog")
     rs = r.add_subparsers(dest="report_command", required=True)
     nb = rs.add_parser("notebook", help="run one notebook with papermill (params: jobs/params/<profile>/<name>.yaml)")
-    nb.add_argument("name", choices=NOTEBOOKS)
+    nb.add_argument("name", choices=NOTEBOOKS + STANDALONE_NOTEBOOKS)
     nb.add_argument("--profile", choices=PROFILES, default="smoke")
     nb.add_argument("--params", default=None, help="params YAML (default: the profile's)")
     nb.add_argument("--no-html", action="store_true")

@@ -14,6 +14,7 @@ same parameters finds the complete set and skips it (``overwrite=True`` regenera
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -28,6 +29,18 @@ from instdiff_lib.viz import draw_layout
 
 def params_hash(params: dict) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def skip_mode_set(unet, mode: str | None):
+    """Run with the UNet's decoder-skip mode set to ``mode`` (None: as it is), restoring the old mode after."""
+    old = unet.skip_mode
+    if mode is not None:
+        unet.set_skip_mode(mode)
+    try:
+        yield
+    finally:
+        unet.set_skip_mode(old)
 
 
 def refine_images(images: list[Image.Image], prompt: str, strength: float, device: str) -> list[Image.Image]:
@@ -53,7 +66,11 @@ def generate_from_layout(layout_path: str | Path, out_dir: str | Path, model: st
                          num_images: int = 1, device: str = "cpu", dtype: torch.dtype = torch.float32,
                          drop: str = "mask", negative_prompt: str | None = None, truncate: bool = False,
                          refine: float = 0.0, overwrite: bool = False, verify: bool = True, method: str = "plms",
-                         pipe=None) -> list[Path]:
+                         pipe=None, skip_mode: str | None = None, progress: bool = True) -> list[Path]:
+    """Generate ``num_images`` images of one layout file into ``out_dir`` (see the module docstring).
+
+    ``skip_mode`` ("scaleu", "freeu", "none") overrides the model's decoder-skip mode for this run (None: the
+    model's own). ``pipe`` reuses a loaded pipeline (its ``model`` must be the one named)."""
     from instdiff_lib.sampling.pipeline import DEFAULT_NEGATIVE_PROMPT, InstanceDiffusionPipeline
     from instdiff_lib.weights.embedded import default_model, recommended_negative_prompt
 
@@ -70,6 +87,8 @@ def generate_from_layout(layout_path: str | Path, out_dir: str | Path, model: st
               "alpha": alpha, "mis": mis, "num_images": num_images, "drop": drop, "method": method,
               "negative_prompt": DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt, "refine": refine,
               "dtype": str(dtype)}
+    if skip_mode is not None:  # only when given, so the outputs of runs without it keep their hash
+        params["skip_mode"] = skip_mode
     key = params_hash(params)
     image_paths = [out / f"{stem}__seed{seed}__{k}.png" for k in range(num_images)]
     meta_path = out / f"{stem}__seed{seed}.json"
@@ -82,8 +101,9 @@ def generate_from_layout(layout_path: str | Path, out_dir: str | Path, model: st
             return all_paths
 
     pipe = pipe or InstanceDiffusionPipeline.from_pretrained(model, device=device, dtype=dtype, verify=verify)
-    result = pipe(layout, seed=seed, steps=steps, guidance=guidance, alpha=alpha, mis=mis, num_images=num_images,
-                  negative_prompt=params["negative_prompt"], drop=drop, method=method)
+    with skip_mode_set(pipe.c.unet, skip_mode):
+        result = pipe(layout, seed=seed, steps=steps, guidance=guidance, alpha=alpha, mis=mis, num_images=num_images,
+                      negative_prompt=params["negative_prompt"], drop=drop, method=method, progress=progress)
     images = result.images
     if refine > 0:
         images = refine_images(images, layout.caption, refine, device)
@@ -92,6 +112,6 @@ def generate_from_layout(layout_path: str | Path, out_dir: str | Path, model: st
     atomic_save_image(draw_layout(layout), layout_png)
     atomic_save_image(draw_layout(layout, image=images[0].resize((512, 512))), overlay_path)
     meta = {"params_hash": key, "layout_file": str(layout_path), "images": [p.name for p in image_paths],
-            **result.info, "refine": refine}
+            **result.info, "refine": refine, "skip_mode": pipe.c.unet.skip_mode if skip_mode is None else skip_mode}
     atomic_write_text(meta_path, json.dumps(meta, indent=2))
     return all_paths
