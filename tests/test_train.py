@@ -15,6 +15,7 @@ from instdiff_lib.training.diffusion import (
     ShapesTrainSet,
     TrainConfig,
     Trainer,
+    lr_schedule,
     add_train_parser,
     batch_indices,
     conditioning,
@@ -323,3 +324,20 @@ def test_coordinate_channels_train_export_and_load(tmp_path, data_dir, dataset):
     with pytest.raises(ValueError, match="coord_channels"):
         from instdiff_lib.model.unet import InstanceUNet
         InstanceUNet(bad)
+
+
+def test_a_learning_rate_decay_added_on_resume_equals_a_straight_run_with_it(tmp_path, data_dir, dataset, one_thread):
+    """--lr-decay-start may be added when resuming, as long as it starts after the steps already taken: the result
+    is bit-identical to a straight run with the decay (so the final command reproduces the model)."""
+    decay = dict(lr_decay_start=3, lr_decay_steps=2, lr_min_ratio=0.1)
+    Trainer(_cfg(tmp_path / "a", data_dir, steps=5, ckpt_every=100, **decay), data=dataset).run()
+    Trainer(_cfg(tmp_path / "b", data_dir, steps=3, ckpt_every=100), data=dataset).run()
+    with pytest.raises(ValueError, match="different settings"):  # a decay reaching back into steps already taken
+        Trainer(_cfg(tmp_path / "b", data_dir, steps=5, resume=True, lr_decay_start=1), data=dataset)
+    Trainer(_cfg(tmp_path / "b", data_dir, steps=5, resume=True, **decay), data=dataset).run()
+    sa = torch.load(tmp_path / "a" / "run" / "state.pt", weights_only=False)
+    sb = torch.load(tmp_path / "b" / "run" / "state.pt", weights_only=False)
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+    lrs = [lr_schedule(TrainConfig(steps=5, lr=1e-3, warmup_steps=1, **decay), k) for k in range(6)]
+    assert lrs[:3] == [1e-3] * 3 and lrs[3] == pytest.approx(1e-3) and lrs[4] == pytest.approx(0.55e-3)
+    assert lrs[5] == pytest.approx(1e-4)

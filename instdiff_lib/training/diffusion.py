@@ -32,7 +32,8 @@ What is trained, and how (the official recipe, adapted to training *everything* 
     ``p_keep_point_only`` (0.1); "boxes + points + masks, no scribbles" with probability
     ``p_keep_seg_only`` (0.1) when masks are kept; never everything (boxes are then kept);
   - the global caption is replaced by the empty prompt "" with probability ``p_drop_caption`` (0.1).
-* AdamW (weight decay on matrices/kernels only), linear warm-up then a constant learning rate, gradient
+* AdamW (weight decay on matrices/kernels only), linear warm-up then a constant learning rate (optionally a cosine
+  decay from ``lr_decay_start``), gradient
   clipping at ``grad_clip`` (1.0), an EMA of all weights (decay ``min(ema_decay, (1 + k) / (10 + k))``);
   the EMA weights are what is exported.
 
@@ -56,6 +57,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import time
@@ -87,6 +89,9 @@ RESUME_MUTABLE = frozenset({"steps", "minutes", "ckpt_every", "log_every", "out_
                             "threads", "progress", "data_dir", "cache", "resume", "device", "gap_every", "gap_images"})
 
 
+LR_DECAY_FIELDS = frozenset({"lr_decay_start", "lr_decay_steps", "lr_min_ratio"})
+
+
 # ---- configuration ------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
@@ -102,6 +107,9 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_steps: int = 100
+    lr_decay_start: int | None = None  # step where a cosine decay of the learning rate begins (None: constant)
+    lr_decay_steps: int = 1000  # length of that decay, down to lr * lr_min_ratio (then constant)
+    lr_min_ratio: float = 0.05
     steps: int | None = None  # total steps (this or `minutes`, or both: whichever comes first)
     minutes: float | None = None  # total wall-clock training budget (summed over resumed sessions)
     ema_decay: float = 0.999
@@ -133,6 +141,9 @@ class TrainConfig:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if self.minutes is not None and self.minutes <= 0:
             raise ValueError(f"minutes must be > 0, got {self.minutes}")
+        if self.lr_decay_steps < 1 or not 0.0 <= self.lr_min_ratio <= 1.0:
+            raise ValueError(f"lr_decay_steps must be >= 1 and lr_min_ratio in [0, 1], got {self.lr_decay_steps}, "
+                             f"{self.lr_min_ratio}")
         if self.gap_every < 0 or self.gap_images < 2:
             raise ValueError(f"gap_every must be >= 0 and gap_images >= 2, got {self.gap_every}, {self.gap_images}")
         for name in ("n_train_images", "batch_size", "ckpt_every", "log_every"):
@@ -158,6 +169,17 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown train config field(s): {sorted(unknown)}")
         return cls(**d)
+
+
+def lr_schedule(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of optimisation step ``step``: linear warm-up over ``warmup_steps``, then constant, then (from
+    ``lr_decay_start``) a cosine decay over ``lr_decay_steps`` to ``lr * lr_min_ratio``. A function of the step
+    only, so the weights at step k never depend on the total budget."""
+    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    if cfg.lr_decay_start is not None and step >= cfg.lr_decay_start:
+        frac = min(1.0, (step - cfg.lr_decay_start) / max(1, cfg.lr_decay_steps))
+        lr *= cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+    return lr
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -540,7 +562,7 @@ class Trainer:
 
     # ---- pieces ---------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
-        return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
+        return lr_schedule(self.cfg, step)
 
     def ema_decay_at(self, step: int) -> float:
         return min(self.cfg.ema_decay, (1 + step) / (10 + step))
@@ -611,8 +633,12 @@ class Trainer:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise RuntimeError(f"{self.state_path} is not an instdiff training state ({STATE_FORMAT})")
         old = state["train_config"]
+        done = int(state["step"])
         diff = {k: (old.get(k), v) for k, v in self.cfg.to_dict().items()
-                if k not in RESUME_MUTABLE and old.get(k) != v}
+                if k not in RESUME_MUTABLE and old.get(k, TrainConfig.__dataclass_fields__[k].default) != v}
+        if set(diff) <= LR_DECAY_FIELDS and all(lr_schedule(TrainConfig.from_dict(old), k) == lr_schedule(self.cfg, k)
+                                                 for k in range(done)):
+            diff = {}  # a decay added (or moved) after the steps already taken: those steps are unchanged
         if diff:
             raise ValueError(f"cannot resume {self.state_path}: the run was started with different settings "
                              f"(saved, now): {diff}")
@@ -792,7 +818,9 @@ class Trainer:
             "elapsed_s": round(self.elapsed_s, 2), "threads": torch.get_num_threads(),
             "n_params": self.n_params(), "final_loss": round(float(np.mean(tail)), 6) if tail else None,
             "reproduce": f"instdiff train shapes --out {cfg.out_dir} --steps {self.step} --seed {cfg.seed} "
-                         f"--batch-size {cfg.batch_size} --n-images {cfg.n_train_images} --data-seed {cfg.data_seed}",
+                         f"--batch-size {cfg.batch_size} --n-images {cfg.n_train_images} --data-seed {cfg.data_seed}"
+                         + (f" --lr-decay-start {cfg.lr_decay_start} --lr-decay-steps {cfg.lr_decay_steps}"
+                            if cfg.lr_decay_start is not None else "") + f" --threads {torch.get_num_threads()}",
             "export": export, "state": str(self.state_path), "loss_csv": str(self.csv_path),
             "figure": str(figure) if figure else None, "train_config": cfg.to_dict(),
         }
@@ -809,6 +837,7 @@ def train_shapes(cfg: TrainConfig) -> dict:
 def _cmd_train_shapes(args: argparse.Namespace) -> int:
     cfg = TrainConfig(model=args.model, out_dir=args.out, data_dir=args.data_dir, n_train_images=args.n_images,
                       data_seed=args.data_seed, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
+                      lr_decay_start=args.lr_decay_start, lr_decay_steps=args.lr_decay_steps,
                       steps=args.steps, minutes=args.minutes, ema_decay=args.ema_decay, ckpt_every=args.ckpt_every,
                       log_every=args.log_every, gap_every=args.gap_every, seed=args.seed, figure=args.figure or None,
                       export_dtype=args.export_dtype, threads=args.threads, progress=not args.no_progress,
@@ -838,6 +867,9 @@ def add_train_parser(subparsers):
     s.add_argument("--batch-size", type=int, default=d.batch_size)
     s.add_argument("--lr", type=float, default=d.lr)
     s.add_argument("--warmup", type=int, default=d.warmup_steps)
+    s.add_argument("--lr-decay-start", type=int, default=d.lr_decay_start,
+                   help="step where a cosine decay of the learning rate begins (default: constant)")
+    s.add_argument("--lr-decay-steps", type=int, default=d.lr_decay_steps)
     s.add_argument("--ema-decay", type=float, default=d.ema_decay)
     s.add_argument("--seed", type=int, default=d.seed)
     s.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
