@@ -7,7 +7,7 @@ OUT ?= outputs
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 PROFILE ?= smoke
-.PHONY: setup report lab demo test test-fast bench bench-quality clean
+.PHONY: setup report lab demo test test-fast bench bench-quality mutation clean
 
 $(STAMP): pyproject.toml requirements.lock
 	@$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"Python 3.11 required, found {sys.version.split()[0]} (set PY=/path/to/python3.11)"'
@@ -37,6 +37,12 @@ demo: $(STAMP)
 ## All tests (CPU, minutes). The parity tests read ../shared/parity (or $$INSTDIFF_PARITY_DIR).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+## Mutation testing (mutmut) of the metrics, layout/derive, keymap, UniFusion and the sampler, one module at a time
+## with the tests that exercise it; scratch copies in outputs/mutation, scores vs tests/MUTATION.md. Hours on 2 cores;
+## not in CI. MODULES="pim guards" for some of them.
+mutation: $(STAMP)
+	nice -n 15 $(BIN)/python tools/mutation.py $(MODULES)
 
 bench: $(STAMP)
 	$(BIN)/instdiff bench --config tiny --steps 10 --instances 4

@@ -174,6 +174,30 @@ def run_metrics_bench(n_images: int = 200, n_gt: int = 7, n_pred: int = 100, siz
             "projected_5000_images_s": {"detector": round(5000 * detector, 1), "all_scoring": round(5000 * scoring, 1)}}
 
 
+# ---- Shapes data speed ---------------------------------------------------------------------------------------
+SHAPES_DATA_TARGET_S = 5.0  # the Shapes issue: 200 images of 64 px in under 5 s on a laptop CPU
+
+
+def run_shapes_data_bench(n_images: int = 200, size: int = 64, seed: int = 3, repeats: int = 3) -> dict:
+    """Wall time of ``make_shapes_dataset`` (render, RLE-encode, write PNGs and both json files) against its target;
+    best of ``repeats`` runs into fresh temporary folders. ``target_ratio`` < 1 meets the target."""
+    import tempfile
+
+    from instdiff_lib.datasets.shapes import make_shapes_dataset
+
+    runs = []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as d:
+            t0 = time.perf_counter()
+            split = make_shapes_dataset(d, n_images=n_images, seed=seed, size=size)
+            runs.append(time.perf_counter() - t0)
+    best = min(runs)
+    target = SHAPES_DATA_TARGET_S * n_images / 200 * (size / 64) ** 2
+    return {"n_images": split.n_images, "size": size, "seconds": round(best, 3), "all_runs_s": [round(r, 3) for r in runs],
+            "images_per_s": round(n_images / best, 1), "target_s": round(target, 3),
+            "target_ratio": round(best / target, 3), "cpu": platform.processor() or platform.machine()}
+
+
 # ---- the Shapes quality bar ----------------------------------------------------------------------------------
 QUALITY_BARS = {"box_AP50": 0.5}  # and attribute accuracy clearly above chance (1 / vocabulary size)
 

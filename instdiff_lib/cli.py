@@ -83,6 +83,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             ok = report[f"{key}_pass"]
             print(f"{key:9s} {'PASS' if ok else 'FAIL'}")
         return 0
+    if args.shapes_data:
+        from instdiff_lib.bench import run_shapes_data_bench
+
+        report = run_shapes_data_bench(n_images=args.shapes_images)
+        print(json.dumps(report, indent=2))
+        print(f"shapes data: {report['seconds']} s for {report['n_images']} images, {report['target_ratio']} x the "
+              f"{report['target_s']} s target ({'PASS' if report['target_ratio'] < 1 else 'FAIL'})")
+        return 0
     if args.metrics:
         report = run_metrics_bench(n_images=args.metrics_images, yolo=args.yolo, device=_device(args.device))
         print(json.dumps(report, indent=2))
@@ -253,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--metrics", action="store_true", help="instead: scoring cost per image vs the detector's")
     b.add_argument("--metrics-images", type=int, default=200)
     b.add_argument("--yolo", default="yolov8m-seg.yaml")
+    b.add_argument("--shapes-data", action="store_true",
+                   help="instead: Shapes dataset generation time vs its target (200 images of 64 px in 5 s)")
+    b.add_argument("--shapes-images", type=int, default=200)
     b.add_argument("--quality", action="store_true",
                    help="instead: the Shapes mini model's quality bar (box AP50, attribute accuracy vs chance)")
     b.add_argument("--quality-images", type=int, default=48)

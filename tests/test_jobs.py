@@ -125,16 +125,35 @@ def flag(argv, name):
 # ---- syntax and the notebook list ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
-def test_bash_syntax(script):
+CI_ONLY = [p for p in SCRIPTS if p.parent.name in ("slurm", ".ci")]  # run for real by .ci/run (a local SLURM)
+
+
+@pytest.mark.parametrize("script", CI_ONLY, ids=lambda p: str(p.relative_to(ROOT)))
+def test_ci_scripts_parse(script):
+    """A lint only: these start real SLURM daemons, so their behaviour is checked by CI's end-to-end run."""
     r = bash("-n", script)
     assert r.returncode == 0, r.stderr
 
 
-def test_scripts_executable():
-    for p in SCRIPTS:
-        if p.name != "cluster.env" and p.name != "job_prologue.sh":
-            assert os.access(p, os.X_OK), f"{p.relative_to(ROOT)} is not executable"
+def test_job_scripts_run_by_path_as_the_scheduler_does(fake_repo):
+    """sbatch and users start the scripts by path (shebang, executable bit), not as `bash script`: each one does its
+    job that way. cluster.env and job_prologue.sh are sourced, never run."""
+    repo, env, tmp = fake_repo
+    e = clean_env(**env)
+    r = subprocess.run(["./jobs/submit_all.sh", "smoke", "--dry-run"], cwd=repo, env=e, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert [l.split("=", 1)[0] for l in r.stdout.splitlines() if l.startswith("JOB_")][:3] == [
+        "JOB_00_setup_check", "JOB_01_demos", "JOB_generate"]
+    e = clean_env(**env, INSTDIFF_CMD="echo", SLURM_ARRAY_TASK_ID="1", SLURM_ARRAY_TASK_COUNT="2")
+    r = subprocess.run(["./jobs/generate.sbatch", "smoke"], cwd=repo, env=e, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "report generate --profile smoke --shard 1/2" in r.stdout.splitlines(), r.stderr
+    r = subprocess.run(["./jobs/run_notebook.sbatch", "01_demos", "smoke"], cwd=repo, env=e, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "report notebook 01_demos --profile smoke --params jobs/params/smoke/01_demos.yaml" in r.stdout.splitlines()
+    for name in ("cluster.env", "job_prologue.sh"):  # sourced: a stray executable bit would invite running them
+        assert not os.access(ROOT / "jobs" / name, os.X_OK), name
 
 
 def test_notebook_list_in_submit_all():
@@ -153,11 +172,19 @@ def test_notebook_list_matches_the_runner():
 
 
 # a chain naming a missing notebook or params file must fail here, not after hours in the queue
-@pytest.mark.parametrize("nb", NOTEBOOKS)
-def test_notebooks_and_params_exist(nb):
-    assert (ROOT / "notebooks" / f"{nb}.ipynb").is_file()
-    for profile in ("smoke", "full"):
-        assert (ROOT / "jobs/params" / profile / f"{nb}.yaml").is_file()
+@pytest.mark.parametrize("profile", ["smoke", "full"])
+def test_every_params_file_the_chain_names_loads(fake_repo, profile):
+    """The notebook jobs the dry run prints, each with the params file it names: the runner loads that file for
+    that notebook (every key a parameter of the notebook, SMOKE matching the profile)."""
+    from instdiff_lib.report.runner import load_params, notebook_path
+
+    r, _ = run_submit(fake_repo, profile, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    jobs = re.findall(r"jobs/run_notebook\.sbatch (\S+) (\S+) (\S+)\)", r.stdout)
+    assert [nb for nb, *_ in jobs] == [n for n in NOTEBOOKS]
+    for nb, prof, params in jobs:
+        assert prof == profile and notebook_path(nb).is_file()
+        assert load_params(nb, profile, ROOT / params)["SMOKE"] is (profile == "smoke")
 
 
 # ---- the chain ----------------------------------------------------------------------------------------------------

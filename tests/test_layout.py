@@ -71,13 +71,49 @@ def assert_same_layout(a: Layout, b: Layout) -> None:
 # demo files and round trips
 
 
-def test_layout_dir_has_the_demo_scenes():
-    names = {p.name for p in LAYOUT_FILES}
-    expected = {
-        "boxes_kitchen_animals.json", "points_garden.json", "scribbles_beach.json", "masks_street.json",
-        "mixed_formats.json", "eagle_head_left.json", "eagle_head_right.json",
-    } | {f"iterative_r{k}.json" for k in range(1, 6)}
-    assert expected <= names
+def _formats(inst: Instance) -> set[str]:
+    return {name for name in ("box", "point", "scribble", "mask") if getattr(inst, name) is not None}
+
+
+def _round_change(a: Layout, b: Layout) -> str:
+    """The one edit from round a to round b: add, replace (caption), move or resize (box); else 'several'."""
+    if len(b.instances) > len(a.instances):
+        same = all(x.caption == y.caption and x.box == y.box for x, y in zip(a.instances, b.instances))
+        return "add" if same else "several"
+    diff = [(x, y) for x, y in zip(a.instances, b.instances) if (x.caption, x.box) != (y.caption, y.box)]
+    if len(a.instances) != len(b.instances) or len(diff) != 1:
+        return "several"
+    (x, y), = diff
+    if x.caption != y.caption:
+        return "replace"
+    (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = x.box, y.box
+    same_size = np.isclose(ax1 - ax0, bx1 - bx0) and np.isclose(ay1 - ay0, by1 - by0)
+    return "move" if same_size else "resize"
+
+
+@pytest.mark.parametrize("folder", [LAYOUT_DIR, LAYOUT_DIR / "shapes"], ids=["coco", "shapes"])
+def test_demo_sections_hold_what_their_titles_promise(folder):
+    """Every file of demos.yaml loads, and each section's layouts are what the demo notebook says they show."""
+    import yaml
+
+    sections = {s["name"]: s for s in yaml.safe_load((folder / "demos.yaml").read_text())}
+    assert {"boxes", "points", "scribbles", "masks", "mixed", "four_formats", "parts", "iterative"} <= set(sections)
+    lay = {name: [Layout.from_json(folder / f) for f in sec["files"]] for name, sec in sections.items()}
+    for name, fmt in (("points", "point"), ("scribbles", "scribble"), ("masks", "mask")):
+        for layout in lay[name]:
+            assert all(fmt in _formats(i) for i in layout.instances), (name, [_formats(i) for i in layout.instances])
+    for layout in lay["boxes"]:
+        assert all(_formats(i) == {"box"} for i in layout.instances)
+    for layout in lay["mixed"]:
+        assert len({frozenset(_formats(i)) for i in layout.instances}) >= 3  # several formats in one image
+    assert any("mask" in _formats(i) for i in lay["four_formats"][0].instances)
+    left, right = lay["parts"]
+    moved = [(x, y) for x, y in zip(left.instances, right.instances) if x.box != y.box]
+    assert len(left.instances) == len(right.instances) and len(moved) == 1  # one box moves, the rest stay
+    assert [x.caption for x in left.instances] == [y.caption for y in right.instances]
+    rounds = lay["iterative"]
+    changes = [_round_change(a, b) for a, b in zip(rounds, rounds[1:])]
+    assert len(rounds) == 5 and sorted(changes) == ["add", "move", "replace", "resize"], changes
 
 
 @pytest.mark.parametrize("path", LAYOUT_FILES, ids=lambda p: p.name)

@@ -139,17 +139,38 @@ def test_fourier_layout_is_freq_major_sin_then_cos():
 
 
 def test_seg_tokens_are_a_raw_reshape():
-    """Token j, feature f of ConvNeXt element (c, h, w): j = (h mod 4) * 16 + w, f = 4c + h // 4 (full size)."""
-    cfg = sd15().unifusion
+    """Token j, feature f of ConvNeXt element (c, h, w): j = (h mod 4) * 16 + w, f = 4c + h // 4 (full size).
+
+    The library's ``seg_features`` at the full-size geometry (768 x 16 x 16 features -> 64 tokens of 3072), with the
+    backbone replaced by a known feature map so every one of the 196,608 positions is checked."""
+    from instdiff_lib.model.config import UniFusionConfig
+
+    full = sd15().unifusion
+    cfg = UniFusionConfig(in_dim=8, out_dim=8, mid_dim=8, seg_input_size=full.seg_input_size,
+                          n_seg_tokens=full.n_seg_tokens, convnext_depths=(1, 1, 1, 1), convnext_dims=(8, 8, 8, 768))
+    assert cfg.seg_feature_dim == full.seg_feature_dim == 3072
+    pn = UniFusion(cfg)
     feat = torch.randn(1, 768, 16, 16)
-    tokens = feat.reshape(1, -1, cfg.n_seg_tokens).permute(0, 2, 1)
-    c, h, w = 5, 9, 3
-    assert tokens[0, (h % 4) * 16 + w, 4 * c + h // 4] == feat[0, c, h, w]
+    seen = []
+
+    class KnownFeatures(torch.nn.Module):  # a stand-in backbone
+        def forward(self, x):
+            seen.append(tuple(x.shape))
+            return feat
+
+    pn.convnext_tiny_backbone = KnownFeatures()
+    tokens = pn.seg_features(torch.zeros(1, 30, 64, 64))  # resized to 512 first
+    assert seen == [(1, 3, 512, 512)] and tokens.shape == (1, 64, 3072)
+    c, h, w = torch.meshgrid(torch.arange(768), torch.arange(16), torch.arange(16), indexing="ij")
+    torch.testing.assert_close(tokens[0, (h % 4) * 16 + w, 4 * c + h // 4], feat[0], rtol=0, atol=0)
+    # and the tiny preset (4 x 4 features, 64 tokens of 16) follows the same raw reshape through the real backbone
     pn = UniFusion(tiny().unifusion)
     segs = torch.zeros(1, 30, 128, 128)
     segs[0, 0, 10:40, 20:90] = 1
-    direct = pn.convnext_tiny_backbone(pn.in_conv(segs))
-    torch.testing.assert_close(pn.seg_features(segs)[0, 7, 3], direct.reshape(1, -1, 64)[0, 3, 7])
+    direct = pn.convnext_tiny_backbone(pn.in_conv(segs))  # [1, 64, 4, 4]
+    c, h, w = torch.meshgrid(torch.arange(64), torch.arange(4), torch.arange(4), indexing="ij")
+    flat = c * 16 + h * 4 + w  # memory order of (c, h, w)
+    torch.testing.assert_close(pn.seg_features(segs)[0, flat % 64, flat // 64], direct[0])
 
 
 def test_seg_presence_is_per_sample_and_drop_uses_null():

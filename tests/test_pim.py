@@ -256,3 +256,145 @@ def test_many_predictions_per_image():
     assert r.values["PiM"] == 1.0 and r.details["n_pred"] == 300
     want, _ = official_like(gt, preds, "point")
     assert r.values["PiM"] == want
+
+
+# ---- edge cases found by mutation testing (tests/MUTATION.md) ----------------------------------------------------
+
+
+def test_bookkeeping_over_images_of_every_kind():
+    """Four images in one call, each of another kind; the counts of ``details`` add up over all of them and the
+    skip reasons name each problem (an early image that is skipped must not end the loop)."""
+    h = w = 30
+    a, b = rect_mask(h, w, 2, 2, 10, 10), rect_mask(h, w, 15, 15, 25, 25)
+    empty = np.zeros((h, w), np.uint8)
+    gt = make_gt({1: (h, w, []), 2: (h, w, [(1, a, 0), (1, b, 0)]), 3: (h, w, [(1, empty, 0), (2, empty, 0)]),
+                  4: (h, w, [(1, a, 0), (2, b, 0), (1, empty, 0)])})
+    res = [pred(3, a), pred(3, b), pred(4, a), pred(4, b)]
+    r = pim(gt, res, [1, 2, 3, 4], mode="point")
+    assert r.skipped == [(1, "no GT annotation"), (2, "no prediction"),
+                         (3, "no scorable pair (matched GT masks are empty)")]
+    # image 3: each empty GT takes a prediction at IoU 0 (none scored); image 4: a -> a, b -> b, the empty GT
+    # is left without a prediction
+    assert r.details["per_image"] == {4: 1.0} and r.values["PiM"] == 1.0 and r.n_evaluated == 1
+    assert {k: r.details[k] for k in ("n_pairs", "n_gt", "n_pred", "n_unmatched_gt", "n_empty_gt_masks")} == {
+        "n_pairs": 2, "n_gt": 7, "n_pred": 4, "n_unmatched_gt": 3, "n_empty_gt_masks": 3}
+    assert r.details["mode"] == "point" and r.details["seed"] == 0
+
+
+def test_defaults_are_point_mode_and_seed_0(world):
+    res = perturb(world)
+    r = pim(world, res)
+    assert r.details["mode"] == "point" and r.details["seed"] == 0
+    assert r.values == pim(world, res, mode="point", seed=0).values
+    s = pim(world, res, mode="scribble")
+    assert s.details["seed"] == 0 and s.values == pim(world, res, mode="scribble", seed=0).values
+    with pytest.raises(ValueError, match="mode must be 'point' or 'scribble', got 'box'"):
+        pim(world, res, mode="box")
+
+
+def test_empty_predictions_are_matched_at_iou_zero_but_not_empty_pairs():
+    h = w = 30
+    a, b = rect_mask(h, w, 2, 2, 10, 10), rect_mask(h, w, 15, 15, 25, 25)
+    empty = np.zeros((h, w), np.uint8)
+    gt = make_gt({1: (h, w, [(1, a, 0), (1, b, 0)])})
+    # b's only candidate is an empty prediction: IoU 0 (defined), so it is matched and scores 0
+    r = pim(gt, [pred(1, a), pred(1, empty)], [1], mode="point")
+    assert r.values["PiM"] == 0.5 and r.details["n_unmatched_gt"] == 0 and r.details["n_pairs"] == 2
+    # a one-pixel GT mask is a real instance: matched to an empty prediction it scores 0, to its pixel 1
+    dot = rect_mask(h, w, 20, 5, 21, 6)
+    gt1 = make_gt({1: (h, w, [(1, dot, 0)])})
+    assert pim(gt1, [pred(1, empty)], [1], mode="point").details["per_image"] == {1: 0.0}
+    assert pim(gt1, [pred(1, dot)], [1], mode="scribble").details["per_image"] == {1: 1.0}
+    # an empty GT first, a one-pixel prediction: the empty GT takes it at IoU 0 (0/area, defined), b gets nothing
+    gt2 = make_gt({1: (h, w, [(1, empty, 0), (1, b, 0)])})
+    centre = rect_mask(h, w, 19, 19, 20, 20)
+    r = pim(gt2, [pred(1, centre)], [1], mode="point")
+    assert r.n_evaluated == 0 and r.details["n_unmatched_gt"] == 1
+    # both empty: 0/0 is undefined and never chosen, so the empty GT takes b (IoU 0) and b the empty one
+    r = pim(gt2, [pred(1, empty), pred(1, b)], [1], mode="point")
+    assert r.details["per_image"] == {1: 0.0} and r.details["n_unmatched_gt"] == 0
+
+
+def test_scribble_sampling_with_and_without_replacement():
+    """20 random GT pixels without replacement: a 20-pixel mask is sampled whole (half covered -> exactly 0.5);
+    a mask of fewer pixels is sampled with replacement."""
+    h = w = 20
+    m = rect_mask(h, w, 0, 0, 10, 2)  # 20 pixels
+    half = rect_mask(h, w, 0, 0, 5, 2)  # 10 of them
+    gt = make_gt({1: (h, w, [(1, m, 0)])})
+    for seed in range(3):
+        assert pim(gt, [pred(1, half)], [1], mode="scribble", seed=seed).values["PiM"] == 0.5
+    small = rect_mask(h, w, 3, 3, 8, 4)  # 5 pixels, all covered
+    gt_small = make_gt({1: (h, w, [(1, small, 0)])})
+    assert pim(gt_small, [pred(1, small)], [1], mode="scribble").values["PiM"] == 1.0
+    # with replacement, the draw is exactly the documented one: rng([seed, image id]).choice(5, 20, replace=True)
+    first = rect_mask(h, w, 3, 3, 4, 4)
+    want = np.isin(np.random.default_rng([0, 1]).choice(5, 20, replace=True), [0]).mean()
+    assert pim(gt_small, [pred(1, first)], [1], mode="scribble").values["PiM"] == pytest.approx(want)
+
+
+def test_scribble_draws_depend_on_the_image_id_only():
+    """Integer ids >= 0 seed with the id itself (0 included); other ids with a hash of their text; negative ids
+    are hashed too (numpy seeds must be >= 0)."""
+    h = w = 24
+    m = rect_mask(h, w, 2, 2, 22, 22)
+    half = rect_mask(h, w, 2, 2, 12, 22)
+
+    def draw(image_id, seed=0):
+        gt = make_gt({image_id: (h, w, [(1, m, 0)])})
+        return pim(gt, [pred(image_id, half)], [image_id], mode="scribble", seed=seed).values["PiM"]
+
+    ys, xs = np.nonzero(m)
+
+    def expected(key, seed=0):
+        sel = np.random.default_rng([seed, key]).choice(len(ys), 20, replace=False)
+        return half[ys[sel], xs[sel]].mean()
+
+    import zlib
+
+    assert draw(0) == pytest.approx(expected(0)) and draw(1) == pytest.approx(expected(1))
+    assert draw(7, seed=3) == pytest.approx(expected(7, seed=3))
+    assert draw("img-a") == pytest.approx(expected(zlib.crc32(b"img-a")))
+    assert draw("img-b") == pytest.approx(expected(zlib.crc32(b"img-b")))
+    assert draw(-4) == pytest.approx(expected(zlib.crc32(b"-4")))
+
+
+def test_predictions_without_masks_and_unpredicted_images_are_refused_or_skipped(world):
+    from instdiff_lib.evaluation.metrics.detection import YoloPredictions
+
+    res = gt_as_predictions(world)
+    no_mask = [dict(r) for r in res]
+    del no_mask[0]["segmentation"]
+    with pytest.raises(ValueError, match="no RLE 'segmentation'"):
+        pim(world, no_mask, mode="point")
+    # the detector's record of what it ran: an image it never saw is skipped, not scored as "no prediction"
+    run = YoloPredictions([r for r in res if r["image_id"] != 3], image_ids=[1, 2, 4, 5])
+    r = pim(world, run, [1, 2, 3], mode="point")
+    assert r.n_evaluated == 2 and r.skipped[0][0] == 3 and "not predicted" in r.skipped[0][1]
+
+
+def test_center_points_of_empty_tiny_and_no_masks():
+    h = w = 10
+    x, y, nonempty = mask_center_points([rle(np.zeros((h, w), np.uint8)), rle(rect_mask(h, w, 4, 7, 5, 8)),
+                                         rle(rect_mask(h, w, 1, 2, 6, 5))])
+    assert nonempty.tolist() == [False, True, True]
+    assert (x[1:].tolist(), y[1:].tolist()) == ([4, 3], [7, 3])
+    x, y, nonempty = mask_center_points([])
+    assert x.shape == y.shape == nonempty.shape == (0,)
+    assert x.dtype == y.dtype == np.int64 and nonempty.dtype == bool
+
+
+def test_greedy_skips_a_gt_with_no_defined_iou_and_goes_on():
+    assert greedy_match(np.array([[np.nan, 0.3], [np.nan, 0.7]])) == [(1, 1)]
+    assert greedy_match(np.array([[np.nan, np.nan, 0.2]])) == [(2, 0)]
+
+
+def test_no_scorable_image_gives_nan_without_warnings():
+    import warnings
+
+    h = w = 10
+    gt = make_gt({1: (h, w, [(1, rect_mask(h, w, 1, 1, 4, 4), 0)])})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = pim(gt, [], [1], mode="point")
+    assert np.isnan(r.values["PiM"]) and r.n_evaluated == 0

@@ -114,8 +114,10 @@ def test_quality_bar_attribute_check_uses_the_majority_baseline():
     labels = ["checkered"] * 31 + ["solid"] * 26 + ["dotted"] * 24 + ["striped"] * 19
     assert majority_baseline(labels) == 0.31 and math.isnan(majority_baseline([]))
     acc = {"mean": 0.29, "ci95": 0.039}
-    assert (acc["mean"] - acc["ci95"]) > 0.25  # above 1/4 ...
-    assert not clearly_above_chance(acc, 0.25, labels)  # ... but not above always answering "checkered"
+    assert clearly_above_chance(acc, 0.25, [])  # the CI's lower end 0.251 is above 1/4 ...
+    assert not clearly_above_chance(acc, 0.25, labels)  # ... but not above always answering "checkered" (0.31)
+    assert not clearly_above_chance({"mean": 0.27, "ci95": 0.039}, 0.25, [])  # mean above 1/4, lower end 0.231 not
+    assert not clearly_above_chance({"mean": 0.25, "ci95": 0.0}, 0.25, [])  # equal is not above
     assert clearly_above_chance({"mean": 0.6, "ci95": 0.05}, 0.25, labels)
     assert not clearly_above_chance({"mean": 0.6, "ci95": 0.05}, 0.25, ["solid"] * 10)  # majority 1.0
     assert clearly_above_chance({"mean": 0.3, "ci95": float("nan")}, 0.25, [])  # one seed, no labels: vs 1/K

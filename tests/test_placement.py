@@ -186,20 +186,25 @@ def test_evaluate_placement_skips_and_notes(tmp_path):
         evaluate_placement([1, 2], [plan], det)
 
 
-class TinyClip(torch.nn.Module):
-    """A hand-built CLIP triple member (encode_image / encode_text), much faster to build than open_clip's."""
+class ColourClip(torch.nn.Module):
+    """A CLIP triple member with known embeddings: an image's is its mean RGB, a text's the one-hot of the first
+    colour word it names (all ones if none), so every cosine is known by hand."""
 
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.img = torch.nn.Linear(3, 8)
-        self.txt = torch.nn.EmbeddingBag(128, 8)
+    WORDS = ("red", "green", "blue")
 
     def encode_image(self, x):
-        return self.img(x.mean(dim=(2, 3)))
+        return x.mean(dim=(2, 3))
 
     def encode_text(self, ids):
-        return self.txt(ids)
+        return ids.float()
+
+    @classmethod
+    def tokenizer(cls, texts):
+        rows = []
+        for t in texts:
+            hit = [w for w in t.split() if w in cls.WORDS]
+            rows.append([float(w == hit[0]) for w in cls.WORDS] if hit else [1.0, 1.0, 1.0])
+        return torch.tensor(rows)
 
 
 def test_evaluate_placement_with_clip_score():
@@ -208,13 +213,13 @@ def test_evaluate_placement_with_clip_score():
     def preprocess(im):
         return torch.from_numpy(np.asarray(im.resize((8, 8)), dtype=np.float32) / 255).permute(2, 0, 1)
 
-    def tokenizer(texts):
-        return torch.tensor([[ord(c) % 128 for c in t[:16].ljust(16)] for t in texts])
-
     det = ScriptedDetector({"dog": [0, 0, 10, 10]})
-    r = evaluate_placement([Image.new("RGB", (64, 64), "red")] * 2, [layout_512()] * 2, det,
-                           clip=(TinyClip(), preprocess, tokenizer), prompts=["a red square", "a dog"])
-    assert -1 <= r["clip_score"] <= 1 and r.details["clip"]["n_evaluated"] == 2
+    images = [Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue"), Image.new("RGB", (64, 64), "red")]
+    r = evaluate_placement(images, [layout_512()] * 3, det, clip=(ColourClip(), preprocess, ColourClip.tokenizer),
+                           prompts=["a red square", "a red dog", "a dog"])
+    # cosines: red image vs "red" 1, blue image vs "red" 0, red image vs no colour word 1/sqrt(3)
+    assert r["clip_score"] == pytest.approx((1 + 0 + 1 / np.sqrt(3)) / 3, abs=1e-6)
+    assert r.details["clip"]["n_evaluated"] == 3
     assert not any("clip_score skipped" in n for n in r.details["notes"])
 
 

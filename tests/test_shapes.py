@@ -1,7 +1,6 @@
 """Tests for instdiff_lib.datasets.shapes: the procedural Shapes world in COCO format."""
 
 import json
-import time
 import warnings
 
 import numpy as np
@@ -29,15 +28,13 @@ from instdiff_lib.datasets.shapes import (
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    """200 images of 64 px (the size the speed requirement names), with the time it took."""
-    t0 = time.perf_counter()
-    split = make_shapes_dataset(tmp_path_factory.mktemp("shapes"), n_images=200, seed=3)
-    return split, time.perf_counter() - t0
+    """200 images of 64 px (the size the speed requirement names; its time is `instdiff bench --shapes-data`)."""
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), n_images=200, seed=3)
 
 
 @pytest.fixture(scope="module")
 def data(dataset):
-    split, _ = dataset
+    split = dataset
     inst = json.loads(split.instances_json.read_text())
     caps = json.loads(split.captions_json.read_text())
     images = {
@@ -60,10 +57,13 @@ def _files(split):
 # determinism and speed
 
 
-def test_generation_is_fast(dataset):
-    split, seconds = dataset
-    assert split.n_images == 200
-    assert seconds < 5.0, f"200 images of 64 px took {seconds:.2f} s"
+def test_speed_bench_times_generation_against_the_target():
+    """The speed target is measured by `instdiff bench --shapes-data` (a ratio), not asserted by a timed test."""
+    from instdiff_lib.bench import run_shapes_data_bench
+
+    r = run_shapes_data_bench(n_images=10, repeats=2)
+    assert r["n_images"] == 10 and len(r["all_runs_s"]) == 2 and r["seconds"] == min(r["all_runs_s"])
+    assert r["target_s"] == 0.25 and r["target_ratio"] == pytest.approx(r["seconds"] / 0.25, abs=2e-3)
 
 
 def test_same_seed_and_split_give_identical_bytes(tmp_path):
@@ -91,7 +91,7 @@ def test_an_image_does_not_depend_on_the_number_of_images(tmp_path):
 
 
 def test_pycocotools_loads_both_files_and_agrees_with_our_decoder(dataset):
-    split, _ = dataset
+    split = dataset
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         coco = COCO(str(split.instances_json))
@@ -212,7 +212,7 @@ def test_every_shape_kind_is_distinct_and_fills_a_sensible_fraction_of_its_box()
 
 
 def test_shapes_layouts_are_valid_layouts_of_the_annotations(dataset, data):
-    split, _ = dataset
+    split = dataset
     inst, caps, _ = data
     layouts = shapes_layouts(split)
     assert [i for i, _, _ in layouts] == list(range(1, 201))

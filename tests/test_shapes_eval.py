@@ -119,14 +119,23 @@ needs_models = pytest.mark.skipif(not (models_dir() / "shapes-mini" / "manifest.
 @needs_models
 def test_committed_mini_model_loads_and_generates():
     from instdiff_lib.sampling.pipeline import InstanceDiffusionPipeline
-    from instdiff_lib.layouts.layout import Layout
+    from instdiff_lib.layouts.layout import Instance, Layout
 
     pipe = InstanceDiffusionPipeline.from_pretrained(str(models_dir() / "shapes-mini"))  # sha256-verified
     assert pipe.cfg.name == "shapes-mini" and pipe.cfg.schedule.prediction_type == "v_prediction"
     layout = Layout.from_json(models_dir().parent / "layouts" / "shapes" / "boxes.json")
-    out = pipe(layout, seed=0, steps=4, guidance=5.0, negative_prompt="", drop="box", progress=False)
-    img = np.asarray(out.images[0])
-    assert img.shape == (64, 64, 3) and img.std() > 1.0
+    moved = Layout(layout.caption, layout.width, layout.height,
+                   [Instance(i.caption, box=(i.box[0] + 0.3, i.box[1], i.box[2] + 0.3, i.box[3])) if k == 0 else i
+                    for k, i in enumerate(layout.instances)])
+    kw = dict(seed=0, steps=4, guidance=5.0, negative_prompt="", drop="box", mis=0.0, progress=False)
+    out = pipe(layout, **kw)
+    assert np.asarray(out.images[0]).shape == (64, 64, 3)
+    # grounded: moving one box (same captions, same noise) changes the result; without the fusers (alpha 0) it
+    # cannot, so the change comes from the layout tokens, not from anything else the two runs differ in
+    change = (pipe(moved, **kw).latents - out.latents).abs().max()
+    assert change > 1e-2, float(change)
+    torch.testing.assert_close(pipe(moved, alpha=0.0, **kw).latents, pipe(layout, alpha=0.0, **kw).latents,
+                               rtol=0, atol=0)
     summary = json.loads((models_dir() / "shapes-mini" / "summary.json").read_text())
     assert summary["export"]["bytes"] <= 20 * 2**20 and summary["train_config"]["data_seed"] == 0
 

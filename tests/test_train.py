@@ -1,6 +1,7 @@
 """Tests for instdiff_lib.training.diffusion: the Shapes training set, the training step, resuming, export, dropout rates."""
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -263,37 +264,71 @@ def test_minutes_budget_counts_wall_time_once(tmp_path, data_dir, dataset):
 
 
 # ---- diagnostics -----------------------------------------------------------------------------------
-def test_grounding_gap_equals_the_training_loss_with_true_wrong_and_null_layouts(tmp_path, data_dir, dataset):
-    """Each of the three losses is the training loss (``diffusion_loss``) of the same images, timesteps and noise
-    with the true layout, the next image's layout, and the null layout; with the fusers off the gaps are exactly 0."""
-    from instdiff_lib.training.diffusion import diffusion_loss
+class _OracleUNet(torch.nn.Module):
+    """A denoiser whose use of the layout is known: it recognises each image by its caption, predicts the exact
+    target when given that image's own boxes, the target + ``wrong`` with another image's boxes and the target +
+    ``null`` with the null (all-zero) layout. Its training losses are then 0, wrong**2 and null**2."""
 
+    def __init__(self, cfg, contexts, x0s, boxes, acp, wrong, null):
+        super().__init__()
+        self.cfg, self.contexts, self.x0s, self.boxes, self.acp = cfg, contexts, x0s, boxes, acp
+        self.wrong, self.null = wrong, null
+
+    def tokenize(self, grounding, drop=None):
+        return grounding["boxes"]
+
+    def forward(self, xt, t, context, objs, gate=1):
+        out = []
+        for b in range(len(xt)):
+            i = int((self.contexts - context[b]).flatten(1).abs().amax(1).argmin())  # the image, by its caption
+            a = self.acp[t[b]]
+            target = (a.sqrt() * xt[b] - self.x0s[i]) / (1 - a).sqrt()  # v, from x_t and the image's x0
+            if self.cfg.schedule.prediction_type != "v_prediction":
+                target = (xt[b] - a.sqrt() * self.x0s[i]) / (1 - a).sqrt()  # eps
+            if not objs[b].any():
+                target = target + self.null
+            elif not torch.equal(objs[b], self.boxes[i]):
+                target = target + self.wrong
+            out.append(target)
+        return torch.stack(out)
+
+
+def test_grounding_gap_is_the_loss_lost_without_the_true_layout(tmp_path, data_dir, dataset):
+    """Known answer: for the oracle above the true loss is 0, the shuffled-layout gap wrong**2 and the null gap
+    null**2, whatever the timesteps and noise drawn."""
     tr = Trainer(_cfg(tmp_path, data_dir), data=dataset)
-    gap = grounding_gap(tr.model, tr.comp.vae, tr.acp, dataset, n_images=8, batch_size=4, seed=7)
-    assert gap["n_images"] == 8 and tr.model.training  # train mode restored
-    gen = torch.Generator().manual_seed(7)
-    ref = {"true": 0.0, "shuffled": 0.0, "null": 0.0}
-    tr.model.eval()
+    n = 8
+    batch = dataset.batch(range(n))
+    assert len({tuple(r) for r in batch["global_ids"].tolist()}) == n  # distinct captions: the oracle can tell
     with torch.no_grad():
-        for b0 in (0, 4):
-            batch = dataset.batch(range(b0, b0 + 4))
-            t = torch.randint(200, 1000, (4,), generator=gen)
-            noise = torch.randn(4, 12, 32, 32, generator=gen)
-            wrong = dict(batch, **{k: batch[k][[1, 2, 3, 0]] for k in ("boxes", "points", "scribbles", "polygons",
-                                                                      "segs", "masks", "inst_ids")})
-            box = DropFlags.preset("box")
-            ref["true"] += float(diffusion_loss(tr.model, tr.comp.vae, batch, t, noise, tr.acp, box)) / 2
-            ref["shuffled"] += float(diffusion_loss(tr.model, tr.comp.vae, wrong, t, noise, tr.acp, box)) / 2
-            ref["null"] += float(diffusion_loss(tr.model, tr.comp.vae, batch, t, noise, tr.acp, box,
-                                                null=torch.ones(4, dtype=torch.bool))) / 2
-    for k, v in ref.items():
-        assert gap[k] == pytest.approx(v, rel=1e-6), k
-    assert gap["gap_null"] == pytest.approx(gap["null"] - gap["true"])
-    assert gap["gap_shuffled"] == pytest.approx(gap["shuffled"] - gap["true"])
+        contexts = tr.model.text(input_ids=batch["global_ids"]).last_hidden_state
+        x0s = tr.comp.vae.encode_latents(batch["images"])
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, prediction_type):
+            super().__init__()
+            self.text = tr.model.text
+            cfg = tr.comp.unet.cfg.replace(schedule=dataclasses.replace(tr.comp.unet.cfg.schedule,
+                                                                         prediction_type=prediction_type))
+            self.unet = _OracleUNet(cfg, contexts, x0s, batch["boxes"], tr.acp, wrong=0.3, null=0.5)
+
+    for kind in ("v_prediction", "epsilon"):
+        oracle = Oracle(kind)
+        for seed in (0, 1):
+            gap = grounding_gap(oracle, tr.comp.vae, tr.acp, dataset, n_images=n, batch_size=4, seed=seed)
+            assert gap["true"] == pytest.approx(0.0, abs=1e-9), kind
+            assert gap["shuffled"] == pytest.approx(0.09, rel=1e-5) and gap["null"] == pytest.approx(0.25, rel=1e-5)
+            assert gap["gap_shuffled"] == pytest.approx(0.09, rel=1e-5) and gap["gap_null"] == pytest.approx(0.25, rel=1e-5)
+            assert gap["n_images"] == n and oracle.training  # train mode restored
+
+
+def test_grounding_gap_is_zero_without_fusers_and_needs_two_images(tmp_path, data_dir, dataset):
+    tr = Trainer(_cfg(tmp_path, data_dir), data=dataset)
+    on = grounding_gap(tr.model, tr.comp.vae, tr.acp, dataset, n_images=8, batch_size=4, seed=7)
     tr.comp.unet.cfg = tr.comp.unet.cfg.replace(fusers=False)
     off = grounding_gap(tr.model, tr.comp.vae, tr.acp, dataset, n_images=8, batch_size=4, seed=7)
-    assert off["gap_null"] == 0.0 and off["gap_shuffled"] == 0.0 and off["true"] != gap["true"]
-    with pytest.raises(ValueError):
+    assert off["gap_null"] == 0.0 and off["gap_shuffled"] == 0.0 and off["true"] != on["true"]
+    with pytest.raises(ValueError, match="at least 2 images"):
         grounding_gap(tr.model, tr.comp.vae, tr.acp, dataset, n_images=1)
 
 
