@@ -229,7 +229,7 @@ def test_attribute_setting_scores_known_colours_on_gt_crops(shapes, tmp_path):
         img = np.asarray(Image.open(tmp_path / row["file"]).convert("RGB")).copy()
         centres = []
         for (x0, y0, x1, y1), colour in zip(it.boxes, it.attributes):
-            cx, cy = int((x0 + x1) / 2 * it.width), int((y0 + y1) / 2 * it.height)
+            cx, cy = int((x0 + x1) / 2 * img.shape[1]), int((y0 + y1) / 2 * img.shape[0])  # generated-image px
             paint = colour if k % 3 else COLORS[(COLORS.index(colour) + 1) % len(COLORS)]
             img[max(cy - 3, 0):cy + 4, max(cx - 3, 0):cx + 4] = COLOR_RGB[paint]
             centres.append((cx, cy, colour))

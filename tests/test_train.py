@@ -277,7 +277,10 @@ class _OracleUNet(torch.nn.Module):
     def tokenize(self, grounding, drop=None):
         return grounding["boxes"]
 
-    def forward(self, xt, t, context, objs, gate=1):
+    def regions(self, grounding, drop, size):
+        return None  # full fuser attention: no instance regions
+
+    def forward(self, xt, t, context, objs, gate=1, regions=None):
         out = []
         for b in range(len(xt)):
             i = int((self.contexts - context[b]).flatten(1).abs().amax(1).argmin())  # the image, by its caption
