@@ -12,9 +12,11 @@ two results (they compute the same thing). Speed targets are read from this outp
 
 from __future__ import annotations
 
+import json
 import platform
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +202,95 @@ def run_shapes_data_bench(n_images: int = 200, size: int = 64, seed: int = 3, re
 
 # ---- the Shapes quality bar ----------------------------------------------------------------------------------
 QUALITY_BARS = {"box_AP50": 0.5}  # and attribute accuracy clearly above chance (1 / vocabulary size)
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One acceptance bar of the committed smoke report: ``value >= threshold`` (``at_most``: ``<=``)."""
+    name: str
+    value: float | None  # None: the results files lack it (a FAIL, with ``why``)
+    threshold: float | None
+    at_most: bool = False
+    why: str = ""
+
+    @property
+    def passed(self) -> bool:
+        if self.value is None or self.threshold is None or self.value != self.value:
+            return False
+        return self.value <= self.threshold if self.at_most else self.value >= self.threshold
+
+
+def _dig(d: dict, *keys, default=None):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return default
+        d = d[k]
+    return d
+
+
+def _mean(row: dict | None, metric: str) -> float | None:
+    """The mean over seeds of ``metric`` in one aggregated row (``{"metrics": {metric: {"mean": ...}}}``)."""
+    v = _dig(row or {}, "metrics", metric, "mean")
+    return None if v is None else float(v)
+
+
+def quality_bars(results_dir: str | Path | None = None) -> list[Bar]:
+    """The Shapes mini model's acceptance bars, read from the smoke report's results files (``results/`` by default):
+    the detector-free grounding gap, box AP50 against the real-image ceiling and the shuffled-layout floor, colour
+    and texture accuracy, the evaluators on real images, and alpha=0 against the base configuration. Nothing is
+    recomputed: the bars judge the numbers the blog prints."""
+    from instdiff_lib.results import project_root
+
+    root = Path(results_dir) if results_dir else project_root() / "results"
+
+    def load(name: str) -> dict:
+        path = root / f"{name}.json"
+        if not path.is_file():
+            return {}
+        d = json.loads(path.read_text())
+        if d.get("profile") != "smoke":
+            raise ValueError(f"{path} is a {d.get('profile')!r} run; the quality bars judge the smoke report")
+        return d
+
+    setup, loc, attr, abl = (load(n) for n in ("00_setup_check", "10_location_formats", "11_attribute_binding",
+                                               "20_ablations"))
+    gap = _dig(setup, "setup", "grounding_gap") or {}
+    rel_gap = gap["gap_null"] / gap["true"] if gap.get("true") else None
+    m = loc.get("metrics", {})
+    box = _mean(_dig(m, "rows", "box"), "box_AP50")
+    real_box = _dig(m, "real", "metrics", "box_AP50")
+    floor_box = _mean(_dig(m, "shuffled", "box"), "box_AP50")
+    a = attr.get("metrics", {})
+    base = _mean(_dig(abl, "metrics", "rows", "base"), "box_AP50")
+    off = _mean(_dig(abl, "metrics", "rows", "alpha=0.0"), "box_AP50")
+
+    def ratio(x, y):
+        return None if x is None or not y else x / y
+
+    return [
+        Bar("grounding gap, null layout (fraction of the loss)", rel_gap, 0.03),
+        Bar("box AP50 / real-image box AP50", ratio(box, real_box), 0.5),
+        Bar("box AP50 / shuffled-layout box AP50", ratio(box, floor_box) if floor_box != 0 or box is None
+            else (float("inf") if box > 0 else 0.0), 3.0, why="floor 0" if floor_box == 0 else ""),
+        Bar("real images: box AP50", real_box, 0.8),
+        Bar("colour accuracy", _mean(_dig(a, "rows", "color"), "attr_acc"), 0.5),
+        Bar("texture accuracy", _mean(_dig(a, "rows", "texture"), "attr_acc"), 0.45),
+        Bar("real crops: colour accuracy", _dig(a, "real", "metrics", "color_acc"), 0.9),
+        Bar("real crops: texture accuracy", _dig(a, "real", "metrics", "texture_acc"), 0.8),
+        Bar("ablations: alpha=0 box AP50 / base box AP50", ratio(off, base), 0.5, at_most=True),
+    ]
+
+
+def format_bars(bars: list[Bar]) -> str:
+    lines = [f"{'bar':52s} {'value':>8s} {'needs':>9s}  result"]
+    for b in bars:
+        value = "missing" if b.value is None else f"{b.value:.3f}"
+        needs = "-" if b.threshold is None else f"{'<=' if b.at_most else '>='} {b.threshold:g}"
+        lines.append(f"{b.name:52s} {value:>8s} {needs:>9s}  {'PASS' if b.passed else 'FAIL'}"
+                     + (f" ({b.why})" if b.why else ""))
+    lines.append("PASS" if all(b.passed for b in bars) else
+                 f"FAIL: {sum(not b.passed for b in bars)} of {len(bars)} bars")
+    return "\n".join(lines)
 
 
 def run_quality_bench(n_images: int = 48, seeds: tuple[int, ...] = (0, 1, 2), steps: int = 25, guidance: float = 3.0,

@@ -73,7 +73,13 @@ def cmd_download(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from instdiff_lib.bench import run_bench, run_metrics_bench
 
-    if args.quality:
+    if args.quality and not args.quality_fresh:
+        from instdiff_lib.bench import format_bars, quality_bars
+
+        bars = quality_bars(args.results)
+        print(format_bars(bars))
+        return 0 if all(b.passed for b in bars) else 1
+    if args.quality_fresh:
         from instdiff_lib.bench import run_quality_bench
 
         report = run_quality_bench(n_images=args.quality_images, steps=args.steps if args.steps != 10 else 25,
@@ -265,7 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: Shapes dataset generation time vs its target (200 images of 64 px in 5 s)")
     b.add_argument("--shapes-images", type=int, default=200)
     b.add_argument("--quality", action="store_true",
-                   help="instead: the Shapes mini model's quality bar (box AP50, attribute accuracy vs chance)")
+                   help="instead: the Shapes mini model's acceptance bars, judged on the smoke report's results files "
+                        "(grounding gap, box AP50 vs real images and the shuffled floor, attributes, alpha=0); "
+                        "exit 1 on a FAIL")
+    b.add_argument("--results", default=None, help="with --quality: the results folder (default results/)")
+    b.add_argument("--quality-fresh", action="store_true",
+                   help="instead: generate and score afresh (box AP50, attribute accuracy vs chance, mean over seeds)")
     b.add_argument("--quality-images", type=int, default=48)
     b.add_argument("--guidance", type=float, default=3.0)
     b.set_defaults(func=cmd_bench)

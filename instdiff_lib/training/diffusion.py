@@ -723,9 +723,12 @@ class Trainer:
             ax.plot(steps[w // 2: w // 2 + len(smooth)], smooth, lw=1.6, label=f"rolling mean of {w} points")
         ax.set_yscale("log")
         ax.set_xlabel("step")
-        ax.set_ylabel("epsilon MSE")
-        ax.set_title(f"{self.model_cfg.name} on Shapes: batch {self.cfg.batch_size}, lr {self.cfg.lr:g}, "
-                     f"seed {self.cfg.seed}", fontsize=9)
+        target = {"v_prediction": "v", "epsilon": "epsilon"}[self.model_cfg.schedule.prediction_type]
+        ax.set_ylabel(f"{target}-prediction MSE")
+        decay = (f", cosine decay from step {self.cfg.lr_decay_start}" if self.cfg.lr_decay_start is not None
+                 else "")
+        ax.set_title(f"{self.model_cfg.name} on Shapes: batch {self.cfg.batch_size}, lr {self.cfg.lr:g}{decay}, "
+                     f"seed {self.cfg.seed}", fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
         gap = [(int(r["step"]), float(r["gap_null"]) / float(r["gap_loss"]),
                 float(r["gap_shuffled"]) / float(r["gap_loss"])) for r in rows if r.get("gap_null")]
@@ -735,8 +738,11 @@ class Trainer:
             ax2.plot(g[:, 0], 100 * g[:, 1], "o-", color="tab:green", ms=3, lw=1, label="gap, null layout (% of loss)")
             ax2.plot(g[:, 0], 100 * g[:, 2], "s-", color="tab:red", ms=3, lw=1, label="gap, wrong layout (% of loss)")
             ax2.set_ylabel("grounding gap (% of loss)")
-            ax2.legend(fontsize=7, loc="upper center")
-        ax.legend(fontsize=8)
+            ax2.set_ylim(bottom=0)
+            handles = [h for a in (ax, ax2) for h in a.get_legend_handles_labels()[0]]
+            ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="center right")
+        else:
+            ax.legend(fontsize=8)
         fig.tight_layout()
         path = Path(self.cfg.figure)
         path.parent.mkdir(parents=True, exist_ok=True)
