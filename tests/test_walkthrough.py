@@ -193,8 +193,11 @@ def test_summary_table_and_blog_show_the_floor(tmp_path, monkeypatch):
 
     rows = {"color": _rows({"attr_acc": [0.5, 0.7]})}
     floor = {"color": _rows({"attr_acc": [0.12, 0.14]})}
-    table = summary_table(rows, ["attr_acc"], floor=floor, chance={"color": 0.125})
-    assert list(table.index) == ["color", "color · shuffled layout (floor)", "color · chance"]
+    table = summary_table(rows, ["attr_acc"], floor=floor, chance={"color": 0.125},
+                          real={"metrics": {"color_acc": 0.93}, "n_images": 16}, real_per_row={"attr_acc": "{row}_acc"})
+    assert list(table.index) == ["color", "color · shuffled layout (floor)", "color · chance",
+                                 "color · real images (ceiling)"]
+    assert table.loc["color · real images (ceiling)", "attr_acc"] == "93.0"
     assert table.loc["color · shuffled layout (floor)", "attr_acc"].startswith("13.0 ±")
     assert table.loc["color · chance", "attr_acc"] == "12.5"
 
@@ -208,6 +211,7 @@ def test_summary_table_and_blog_show_the_floor(tmp_path, monkeypatch):
     floor_line = next(l for l in text.splitlines() if l.startswith("| color · shuffled layout (floor) |"))
     assert "13.0 ±" in floor_line
     assert "| color · chance | 12.5 |" in text
+    assert "| color · real images (upper bound) | 93.0 |" in text
     assert "(outputs/report/smoke/11_attribute_binding.html)" in text
 
     write_results(res / "11_attribute_binding.json", doc, params={"SMOKE": False}, n_evaluated=32, profile="full",

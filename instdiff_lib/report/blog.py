@@ -90,9 +90,12 @@ def paper_table(kind: str, setting: str, pairs, doc: dict | None) -> str:
     return _table(["metric", "paper", "seed reproduction", "ours", "Δ (ours − paper)", "N images", "profile"], rows)
 
 
-def shapes_table(doc: dict, metrics: list[str], real_keys: dict[str, str] | None = None) -> str:
+def shapes_table(doc: dict, metrics: list[str], real_keys: dict[str, str] | None = None,
+                 real_per_row: dict[str, str] | None = None) -> str:
     """Our rows: one per setting/variant, mean ± 95% CI over seeds; then each setting's shuffled-layout floor (the
-    same images scored against another image's layout), chance (attribute accuracy) and the real-image upper bound."""
+    same images scored against another image's layout), chance (attribute accuracy) and the real-image upper bound:
+    one row (``real_keys``: metric -> its key in the real control) or one per row (``real_per_row``: metric -> key
+    template, e.g. ``"{row}_acc"``)."""
     rows = []
     floors = doc["metrics"].get("shuffled") or {}
     for name, row in [*doc["metrics"]["rows"].items(),
@@ -103,7 +106,12 @@ def shapes_table(doc: dict, metrics: list[str], real_keys: dict[str, str] | None
         rows.append([f"{name} · chance"] + [_fmt(value, m) if m == "attr_acc" else "–" for m in metrics]
                     + ["–", "–", doc["profile"]])
     real = doc["metrics"].get("real")
-    if real:
+    if real and real_per_row:
+        for name in doc["metrics"]["rows"]:
+            rows.append([f"{name} · real images (upper bound)"]
+                        + [_fmt(real["metrics"].get(real_per_row[m].format(row=name)), m) if m in real_per_row
+                           else "–" for m in metrics] + [str(real["n_images"]), "–", doc["profile"]])
+    elif real:
         vals = real["metrics"]
         keys = real_keys or {}
         rows.append(["real images (upper bound)"] + [_fmt(vals.get(keys.get(m, m)), m) for m in metrics]
@@ -216,10 +224,8 @@ def render_blog(out: str | os.PathLike | None = None, folder: Path | None = None
                   "Chance level: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in chance.items()) + ". The "
                   "shuffled-layout rows judge the same generated images at another image's boxes, against that "
                   "image's attributes, through the same metric code.", "",
-                  shapes_table(attr, ["attr_acc", "clip_local"]), "",
-                  "Real images (upper bound): " + ", ".join(
-                      f"{k} {_fmt(v, k)}" for k, v in attr["metrics"]["real"]["metrics"].items()
-                      if k.endswith("_acc") or k.endswith("clip_local")) + ".", "",
+                  shapes_table(attr, ["attr_acc", "clip_local"],
+                               real_per_row={"attr_acc": "{row}_acc", "clip_local": "{row}_clip_local"}), "",
                   _figure("figures/11_attribute_binding__metrics.png", "metrics"), "",
                   _figure("figures/11_attribute_binding__crops.png", "crops"), "", _provenance_line(attr), ""]
         n_tables += 1

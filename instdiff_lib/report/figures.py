@@ -35,12 +35,18 @@ def _save(run: NotebookRun, obj, name: str) -> Image.Image:
     return load_png(path)
 
 
-def _first_seed(generated: Sequence[Generated]) -> list[Generated]:
-    """One run per row (variant name): its first seed."""
-    seen: dict[str, Generated] = {}
+def _first_seed(generated: Sequence[Generated]) -> list[tuple[Generated, str]]:
+    """One run per distinct image folder at its row's first seed, with a label: the row's name, and how many other
+    rows share those images (an ablation's base value has the base's folder)."""
+    first: dict[str, Generated] = {}
     for g in generated:
-        seen.setdefault(g.variant.name, g)
-    return list(seen.values())
+        first.setdefault(g.variant.name, g)
+    by_folder: dict[str, list[str]] = {}
+    for name, g in first.items():
+        by_folder.setdefault(g.folder, []).append(name)
+    runs = {g.folder: g for g in first.values()}
+    return [(runs[f], names[0] + (f" (+{len(names) - 1} same)" if len(names) > 1 else ""))
+            for f, names in by_folder.items()]
 
 
 def _files(g: Generated, n: int) -> list[tuple[int, Path]]:
@@ -91,12 +97,12 @@ def sample_grid(run: NotebookRun, world, generated: Sequence[Generated], name: s
                 size: int = 160) -> Image.Image:
     """The first images of each row (first seed) with the layout they were generated from drawn over them."""
     cells, titles = [], []
-    for g in _first_seed(generated):
+    for g, label in _first_seed(generated):
         by_id = {it.image_id: it for it in world.items(SETTINGS[g.variant.setting]["attribute"], limit=per_row)}
         for image_id, path in _files(g, per_row):
             cells.append(draw_layout(_bare(by_id[image_id].layout), _open(path).resize((size, size), Image.NEAREST),
                                      size))
-            titles.append(f"{g.variant.name}, seed {g.seed}: image {image_id}")
+            titles.append(f"{label}\nseed {g.seed}, image {image_id}")
     if not cells:
         raise ValueError("no generated images to show (run the generation step first)")
     return _save(run, titled_grid(cells, titles, ncols=per_row, size=size), name)
@@ -109,7 +115,7 @@ def detections_figure(run: NotebookRun, world, generated: Sequence[Generated], n
     the metrics use all of them down to 0.001)."""
     names = {c["id"]: c["name"] for c in json.loads(Path(world.instances_json).read_text())["categories"]}
     cells, titles = [], []
-    for g in _first_seed(generated):
+    for g, _ in _first_seed(generated):
         files = _files(g, n)
         preds = detect(world, files)
         by_id = {it.image_id: it for it in world.items(SETTINGS[g.variant.setting]["attribute"], limit=n)}
@@ -129,7 +135,7 @@ def crops_figure(run: NotebookRun, world, generated: Sequence[Generated], n_imag
     """Per attribute row (first seed): the ground-truth box crops of the first ``n_images`` images, as CLIP scores
     them, titled with the attribute that was asked for and the one CLIP's zero-shot choice picked."""
     cells, titles = [], []
-    for g in _first_seed(generated):
+    for g, _ in _first_seed(generated):
         crops = attribute_crops(world, g, n_images)[:max_crops]
         for c in crops:
             cells.append(c["crop"])
@@ -146,7 +152,8 @@ def metrics_figure(run: NotebookRun, rows: dict[str, dict], metrics: Sequence[st
                    real: dict | None = None, floor: dict[str, dict] | None = None,
                    chance: dict[str, float] | None = None, name: str = "metrics") -> Image.Image:
     """Seaborn bars (mean over seeds) with 95% CI error bars, one panel per metric; the real-image ceiling as a red
-    dashed line, each row's shuffled-layout floor as a grey bar marker, chance (attribute accuracy) as a dotted line."""
+    dashed line (or a red bar marker where ``real`` has it per row, e.g. ``PiM_point``), each row's shuffled-layout
+    floor as a grey bar marker, chance (attribute accuracy) as an orange dotted line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,10 +177,14 @@ def metrics_figure(run: NotebookRun, rows: dict[str, dict], metrics: Sequence[st
                        color="dimgray", zorder=5, label="shuffled layout")
         if real and m in real:
             ax.axhline(real[m], color="crimson", ls="--", lw=1.5, label="real images")
+        per_row = [(i, real[f"{m}_{n}"]) for i, n in enumerate(names) if real and f"{m}_{n}" in real]
+        if per_row:  # a ceiling per setting (PiM_point, PiM_scribble)
+            ax.scatter([i for i, _ in per_row], [v for _, v in per_row], marker="_", s=900, linewidths=3,
+                       color="crimson", zorder=5, label="real images")
         if chance and m == "attr_acc":
             for k, (attr, c) in enumerate(chance.items()):
                 ax.axhline(c, color="darkorange", ls=":", lw=1.5, label="chance" if k == 0 else None)
-        if floors or (real and m in real) or (chance and m == "attr_acc"):
+        if floors or per_row or (real and m in real) or (chance and m == "attr_acc"):
             ax.legend(fontsize=10)
         ax.set_title(m)
         ax.tick_params(axis="x", rotation=30, labelsize=11)

@@ -41,7 +41,12 @@ def _mean_ci(stat: dict | None, metric: str, digits: int = 1) -> str:
     return f"{mean:.{digits}f}" + ("" if math.isnan(ci) else f" ± {ci:.{digits}f}")
 
 
-def describe_world(world) -> "pd.DataFrame":
+def _full_text(frame):
+    """A table of long strings (paths, labels) shown whole and left-aligned (a DataFrame cuts cells at 50 chars)."""
+    return frame.style.set_properties(**{"text-align": "left"})
+
+
+def describe_world(world):
     """What a world is made of: data, model, detector and CLIP with the protocol switches that differ per world."""
     import pandas as pd
 
@@ -62,7 +67,7 @@ def describe_world(world) -> "pd.DataFrame":
                                 or "the official colours and textures",
         "negative prompt": world.negative_prompt or "(none)",
     }
-    return pd.DataFrame({"": list(rows.values())}, index=list(rows))
+    return _full_text(pd.DataFrame({"": list(rows.values())}, index=list(rows)))
 
 
 def variants_table(variants: Sequence[Variant]) -> "pd.DataFrame":
@@ -102,9 +107,11 @@ def per_seed_table(records: Sequence[RunRecord], metrics: Sequence[str] | None =
 
 def summary_table(rows: dict[str, dict], metrics: Sequence[str], *, floor: dict[str, dict] | None = None,
                   real: dict | None = None, real_keys: dict[str, str] | None = None,
+                  real_per_row: dict[str, str] | None = None,
                   chance: dict[str, float] | None = None) -> "pd.DataFrame":
-    """Mean ± 95% CI over seeds per row, then the controls: the shuffled-layout floor per setting, the real-image
-    ceiling and chance (attribute accuracy) where given. ``real_keys`` maps a metric to its key in ``real``."""
+    """Mean ± 95% CI over seeds per row, then the controls: the shuffled-layout floor per setting, chance (attribute
+    accuracy) and the real-image ceiling where given: one row (``real_keys`` maps a metric to its key in ``real``)
+    or one per row (``real_per_row`` maps a metric to a key template such as ``"{row}_acc"``)."""
     import pandas as pd
 
     out = {}
@@ -114,13 +121,18 @@ def summary_table(rows: dict[str, dict], metrics: Sequence[str], *, floor: dict[
     for name, row in (floor or {}).items():
         out[f"{name} · shuffled layout (floor)"] = {m: _mean_ci(row["metrics"].get(m), m) for m in metrics} | {
             "N images / seed": row["n_images_per_seed"], "seeds": len(row["seeds"])}
-    if real:
-        keys = real_keys or {}
-        out["real images (ceiling)"] = {m: _mean_ci({"mean": real["metrics"].get(keys.get(m, m))}, m)
-                                        for m in metrics} | {"N images / seed": real["n_images"], "seeds": "–"}
     for name, value in (chance or {}).items():
         out[f"{name} · chance"] = {m: (f"{100 * value:.1f}" if m == "attr_acc" else "–") for m in metrics} | {
             "N images / seed": "–", "seeds": "–"}
+    if real and real_per_row:
+        for name in rows:
+            out[f"{name} · real images (ceiling)"] = {
+                m: _mean_ci({"mean": real["metrics"].get(real_per_row[m].format(row=name))}, m) if m in real_per_row
+                else "–" for m in metrics} | {"N images / seed": real["n_images"], "seeds": "–"}
+    elif real:
+        keys = real_keys or {}
+        out["real images (ceiling)"] = {m: _mean_ci({"mean": real["metrics"].get(keys.get(m, m))}, m)
+                                        for m in metrics} | {"N images / seed": real["n_images"], "seeds": "–"}
     return pd.DataFrame.from_dict(out, orient="index")
 
 
@@ -136,12 +148,12 @@ def seed_variance(row: dict) -> "pd.DataFrame":
     return pd.DataFrame.from_dict(out, orient="index")
 
 
-def mapping_table(mapping: dict[str, Any], value: str = "value") -> "pd.DataFrame":
+def mapping_table(mapping: dict[str, Any], value: str = "value"):
     """A flat mapping (versions, device facts, a weights inventory) as a one-column table."""
     import pandas as pd
 
-    return pd.DataFrame({value: [v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
-                                 for v in mapping.values()]}, index=list(mapping))
+    return _full_text(pd.DataFrame({value: [v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
+                                            for v in mapping.values()]}, index=list(mapping)))
 
 
 def records_table(records: Sequence[dict], index: str | None = None) -> "pd.DataFrame":
