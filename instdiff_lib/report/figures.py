@@ -67,9 +67,9 @@ def _bare(layout):
 
 
 def panel(layout, image: Image.Image, size: int) -> Image.Image:
-    """[layout on white | generated image | layout over the image], each ``size`` px."""
+    """[layout on white (with the prompt) | generated image | layout over the image], each ``size`` px."""
     img = image.convert("RGB").resize((size, size), Image.NEAREST if image.width < size else Image.BICUBIC)
-    return image_grid([draw_layout(layout, None, size), img, draw_layout(layout, img, size)], ncols=3)
+    return image_grid([draw_layout(layout, None, size), img, draw_layout(_bare(layout), img, size)], ncols=3)
 
 
 # ---- inputs ----------------------------------------------------------------------------------------------------
