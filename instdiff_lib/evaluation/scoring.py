@@ -99,8 +99,11 @@ def score_setting(setting: str, *, instances_json, captions_json=None, images_di
                   yolo="yolov8m-seg.pt", clip=None, fid_real_dir=None, fid_feature=None, device: str = "cpu",
                   batch: int = 16, seed: int = 0, limit: int | None = None, progress: bool = True,
                   phrase_source: str = "official", imgsz: int | None = None, class_map=None,
-                  attribute_vocab=None, fid_size: int = 512) -> dict[str, Any]:
+                  attribute_vocab=None, fid_size: int = 512, shuffle: int = 0) -> dict[str, Any]:
     """Score one setting; returns {"metrics": {...}, "n_images", "timing_s", "images_per_s", "source"}.
+
+    ``shuffle=k`` (k >= 1) is the shuffled-layout control: after the guards and ``limit``, the i-th scored image
+    is scored against the layout (annotations, points, attributes) of the (i + k)-th, cyclically; same metric code.
 
     The defaults are the COCO protocol. The Shapes world passes ``phrase_source="annotation"`` (see
     :func:`protocol_items`), its detector's ``imgsz`` and ``class_map="index+1"``, its attribute vocabulary, and
@@ -119,6 +122,12 @@ def score_setting(setting: str, *, instances_json, captions_json=None, images_di
         raise ValueError(f"{len(unknown)} scored images are not in {instances_json}, e.g. {unknown[:5]}")
     if limit:
         files = files[:limit]
+    if shuffle:
+        if len(files) < 2 or shuffle % len(files) == 0:
+            raise ValueError(f"shuffle={shuffle} needs at least 2 images and must not be a multiple of their number "
+                             f"({len(files)}): every image must be scored against another image's layout")
+        files = [(files[(k + shuffle) % len(files)][0], path) for k, (_, path) in enumerate(files)]
+        source += f"; each image scored against the layout of the image {shuffle} later (shuffled-layout control)"
     ids = [i for i, _ in files]
     timing["load_and_guards"] = time.perf_counter() - t
     metrics: dict[str, Any] = {}

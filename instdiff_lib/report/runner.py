@@ -140,17 +140,17 @@ def generate_shard(profile: str, shard: tuple[int, int], progress: bool = True) 
     notebooks read (they then find them done and only score). For SLURM array jobs; resumable."""
     from instdiff_lib.evaluation.experiments import generate_variant
     from instdiff_lib.report.context import NotebookRun
-    from instdiff_lib.report.sections import _base_variant, _out_root, world_of
+    from instdiff_lib.report.sections import out_root, variants, world_of
 
     counts = {"generated": 0, "reused": 0}
     for name in GENERATION_NOTEBOOKS:
         run = NotebookRun(name, effective_params(name, profile))
         world = world_of(run)
         p = run.params
-        for setting in p["SETTINGS"]:
+        for variant in variants(run):
             for seed in p["SEEDS"]:
-                s = generate_variant(world, _base_variant(run, setting), seed, _out_root(run), p["N_IMAGES"],
-                                     shard=shard, progress=progress)
+                s = generate_variant(world, variant, seed, out_root(run), p["N_IMAGES"], shard=shard,
+                                     progress=progress)
                 counts["generated"] += s.n_generated
                 counts["reused"] += s.n_skipped_existing
     return counts
