@@ -523,6 +523,26 @@ def test_cli_convert_and_generate(fake_pth, originals, tmp_path, capsys):
     assert (out_pth / names[0]).read_bytes() == first[paths[0]]
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_cli_convert_fp16_then_generate(fake_pth, tmp_path, dtype):
+    """The README's released-weights path: ``convert --dtype fp16`` then ``generate`` (fp32 or fp16), with the tiny
+    preset's real KL VAE (the Shapes model's parameter-free "VAE" would hide a dtype mismatch in decode)."""
+    from PIL import Image
+
+    from instdiff_lib.cli import main
+
+    model_dir = tmp_path / "tiny-fp16"
+    assert main(["convert", str(fake_pth), "--out", str(model_dir), "--dtype", "fp16"]) == 0
+    assert json.loads((model_dir / "manifest.json").read_text())["dtype"] == "float16"
+    assert load_converted(model_dir).vae.dtype == torch.float16  # stored in fp16: the pipeline must upcast it
+    out = tmp_path / "out"
+    assert main(["generate", str(LAYOUT), "--out", str(out), "--model", str(model_dir), "--steps", "1", "--mis", "0",
+                 "--device", "cpu", "--dtype", dtype]) == 0
+    with Image.open(out / f"{LAYOUT.stem}__seed0__0.png") as im:
+        assert im.size == (128, 128)
+    assert json.loads((out / f"{LAYOUT.stem}__seed0.json").read_text())["dtype"] == f"torch.float{dtype[2:]}"
+
+
 def test_cli_generate_errors(tmp_path, capsys):
     from instdiff_lib.cli import main
 

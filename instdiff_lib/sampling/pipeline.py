@@ -59,7 +59,9 @@ class InstanceDiffusionPipeline:
         self.c.unet.to(self.device, dtype)
         self.c.unet.position_net.float()  # tokens are computed once per run, in fp32 (Fourier features)
         self.c.text.to(self.device, torch.float32)  # fp32: runs once per prompt
-        self.c.vae.to(self.device)  # fp32 decode avoids fp16 VAE overflow
+        # the VAE runs in fp32 whatever the UNet dtype and whatever it was stored in (a converted fp16 folder loads
+        # it in fp16): decode() feeds it fp32 latents, and an fp16 VAE overflows at 512 px
+        self.c.vae.to(self.device, torch.float32)
         self.sampler = Sampler(self.c.unet)
 
     @classmethod
