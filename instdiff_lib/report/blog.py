@@ -105,6 +105,13 @@ def shapes_table(doc: dict, metrics: list[str], real_keys: dict[str, str] | None
     return _table(["row"] + metrics + ["N images / seed", "seeds", "profile"], rows)
 
 
+def _not_paper(doc: dict) -> str:
+    """The heading of a results file that is not a paper-scale result (smoke: the Shapes world; rehearsal)."""
+    if doc["profile"] == "smoke":
+        return "Shapes (mini scale), smoke profile — not comparable with the paper"
+    return "Rehearsal: synthetic assets and random weights (instdiff rehearse) — plumbing only, not results"
+
+
 def _figure(path: str, alt: str) -> str:
     return f"![{alt}]({path})" if (project_root() / path).exists() else f"*(figure {path} not generated yet)*"
 
@@ -180,8 +187,8 @@ def render_blog(out: str | os.PathLike | None = None, folder: Path | None = None
     for kind, setting, pairs in COCO_TABLES:
         parts += [f"**{kind}**", "", paper_table(kind, setting, pairs, loc), ""]
         n_tables += 1
-    if loc and loc["profile"] == "smoke":
-        parts += ["### Shapes (mini scale), smoke profile — not comparable with the paper", "",
+    if loc and loc["profile"] != "full":
+        parts += [f"### {_not_paper(loc)}", "",
                   f"{loc['metrics']['world']}, model {loc['metrics'].get('model')}. Mean ± 95% CI (Student t) over "
                   "seeds; percentages. FID column: " + loc["metrics"].get("fid_note", "") + ".", "",
                   shapes_table(loc, ["box_AP", "box_AP50", "box_AR", "mask_AP50", "mask_IoU", "PiM", "FID"],
@@ -196,9 +203,9 @@ def render_blog(out: str | os.PathLike | None = None, folder: Path | None = None
     for kind, setting, pairs in ATTR_TABLES:
         parts += [f"**{kind}**", "", paper_table(kind, setting, pairs, attr), ""]
         n_tables += 1
-    if attr and attr["profile"] == "smoke":
+    if attr and attr["profile"] != "full":
         chance = attr["metrics"].get("chance", {})
-        parts += ["### Shapes (mini scale), smoke profile", "",
+        parts += [f"### {_not_paper(attr)}", "",
                   "Chance level: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in chance.items()) + ".", "",
                   shapes_table(attr, ["attr_acc", "clip_local"]), "",
                   "Real images (upper bound): " + ", ".join(
@@ -211,7 +218,7 @@ def render_blog(out: str | os.PathLike | None = None, folder: Path | None = None
     parts += ["## Ablations", ""]
     if abl:
         m = abl["metrics"]
-        label = "Shapes (mini scale), smoke profile" if abl["profile"] == "smoke" else "COCO, full profile"
+        label = "COCO, full profile" if abl["profile"] == "full" else _not_paper(abl)
         parts += [f"### {label}", "", "Each row changes one field of the base configuration "
                   f"`{json.dumps({k: v for k, v in m['base'].items() if k != 'name'})}`; alpha = 0 switches the "
                   "fusers off for every step (the plain backbone); mean ± 95% CI over seeds.", "",

@@ -15,7 +15,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from instdiff_lib.evaluation.experiments import (Variant, ablation_variants, aggregate, by_instance_count, real_control, run_grid)
+from instdiff_lib.evaluation.experiments import (Variant, ablation_grid, aggregate, by_instance_count, real_control, run_grid)
 from instdiff_lib.layouts.layout import Instance, Layout
 from instdiff_lib.results import device_description, package_versions, project_root
 from instdiff_lib.viz import draw_layout, image_grid
@@ -27,14 +27,19 @@ def world_of(run: NotebookRun):
     """The evaluation world of the run's profile from its parameters (smoke: Shapes; full: COCO)."""
     from instdiff_lib.evaluation.world import coco_world, shapes_world
 
+    from instdiff_lib.report.assets import hf_cache, inception_path
+
     p = run.params
     model = p.get("MODEL") or None
+    max_batch = p.get("MAX_BATCH") or None
     if run.smoke:
-        return shapes_world(n_val=p.get("N_VAL", 200), model=model, device=p.get("DEVICE", "cpu"))
+        return shapes_world(n_val=p.get("N_VAL", 200), model=model, device=p.get("DEVICE", "cpu"), max_batch=max_batch)
     if not model:
         raise ValueError("the full profile needs MODEL (a converted checkpoint folder, see README)")
-    return coco_world(run.path(p["COCO_ROOT"]), model=str(run.path(model)), yolo=p.get("YOLO", "yolov8m-seg.pt"),
-                      device=p.get("DEVICE", "cuda"), dtype=p.get("DTYPE", "float16"))
+    return coco_world(run.path(p["COCO_ROOT"]), model=str(run.path(model)),
+                      yolo=str(run.path(p.get("YOLO", "yolov8m-seg.pt"))), device=p.get("DEVICE", "cuda"),
+                      dtype=p.get("DTYPE", "float16"), clip_cache_dir=hf_cache(), fid_weights=inception_path(),
+                      max_batch=max_batch)
 
 
 def _out_root(run: NotebookRun) -> Path:
@@ -55,7 +60,7 @@ def _panel(layout: Layout, image: Image.Image, size: int) -> Image.Image:
 
 def sample_grid(run: NotebookRun, world, records, name: str, per_setting: int = 4, size: int = 192) -> Path:
     """The first images of each setting (first seed) with their layouts drawn over them."""
-    from instdiff_lib.evaluation.generation import SETTINGS
+    from instdiff_lib.evaluation.generation import SETTINGS, read_manifest
 
     cells, seen = [], set()
     for r in records:
@@ -63,9 +68,10 @@ def sample_grid(run: NotebookRun, world, records, name: str, per_setting: int = 
             continue
         seen.add(r.variant.name)
         items = world.items(SETTINGS[r.variant.setting]["attribute"], limit=per_setting)
+        files = {row["image_id"]: row["file"] for row in read_manifest(r.folder)}
         for it in items:
-            path = Path(r.folder) / f"{Path(it.file_name).stem}.png"
-            if path.exists():
+            path = Path(r.folder) / files.get(it.image_id, "-")
+            if path.is_file():
                 with Image.open(path) as im:
                     img = im.convert("RGB").resize((size, size), Image.NEAREST)
                 cells.append(draw_layout(it.layout, img, size))
@@ -121,23 +127,23 @@ def weights_inventory(run: NotebookRun) -> dict[str, Any]:
                     if "sha256" in doc:
                         entry[doc.get("weights", meta)] = doc["sha256"]
             found[folder.name] = entry or "no manifest"
-    else:
-        model = run.path(run.params["MODEL"])
-        man = model / "manifest.json"
-        found["model"] = json.loads(man.read_text()).get("files") if man.exists() else f"missing: {model}"
-        yolo = run.path(run.params.get("YOLO", "yolov8m-seg.pt"))
-        if yolo.exists():
-            from instdiff_lib.fileio import sha256_file
+    else:  # every asset of the profile (report/assets.py); the preflight has checked them all
+        from instdiff_lib.report.assets import full_assets, profile_params
 
-            found["yolo"] = {yolo.name: sha256_file(yolo)}
-        else:
-            found["yolo"] = f"missing: {yolo}"
+        for a in full_assets(profile_params(run.profile)):
+            found[a.key] = {"path": str(a.path), "problem": a.problem(), "synthetic": bool(a.synthetic())}
+        man = run.path(run.params["MODEL"]) / "manifest.json"
+        if man.exists():
+            found["model"]["files"] = json.loads(man.read_text()).get("files")
     return found
 
 
 def setup_check(run: NotebookRun) -> dict[str, Any]:
     import torch
 
+    from instdiff_lib.report.assets import preflight
+
+    preflight(run.profile)  # full: every asset of the chain, all missing ones listed at once
     world = world_of(run)
     weights = weights_inventory(run)
     pipe = world.pipeline()
@@ -280,16 +286,9 @@ def attribute_binding(run: NotebookRun) -> dict[str, Any]:
 def ablations(run: NotebookRun) -> dict[str, Any]:
     p = run.params
     world = world_of(run)
-    base = _base_variant(run, p["BASE_SETTING"], name="base")
-    pairs = ablation_variants(base, p["ABLATE"])
-    unique: dict[str, Variant] = {}
-    for _, v in pairs:
-        unique.setdefault(v.name, v)
-    records = run_grid(world, [base] + list(unique.values()), p["SEEDS"], _out_root(run), p["N_IMAGES"])
+    variants, groups = ablation_grid(_base_variant(run, p["BASE_SETTING"], name="base"), p["ABLATE"])
+    records = run_grid(world, variants, p["SEEDS"], _out_root(run), p["N_IMAGES"])  # full: the array generated them
     rows = aggregate(records)
-    groups: dict[str, list[str]] = {}
-    for g, v in pairs:
-        groups.setdefault(g, []).append(v.name)
     counts = by_instance_count([r for r in records if r.variant.name == "base"], world)
     base_rows = rows["base"]["metrics"]
     seed_variance = {m: {"values": s["values"], "mean": s["mean"], "sd": s["sd"], "ci95": s["ci95"]}
@@ -375,7 +374,12 @@ def _placement_detector(run: NotebookRun, world):
         return ShapesYoloDetector(world.detector())
     from instdiff_lib.extension.placement import load_detector
 
-    return load_detector(p.get("DETECTOR", "grounding-dino"), p.get("DETECTOR_MODEL") or None, device=world.device)
+    from instdiff_lib.report.assets import hf_cache
+
+    folder = p.get("DETECTOR_MODEL") or None  # a local folder (anchored at the project root) or a hub id
+    if folder and run.path(folder).is_dir():
+        folder = str(run.path(folder))
+    return load_detector(p.get("DETECTOR", "grounding-dino"), folder, device=world.device, cache_dir=str(hf_cache()))
 
 
 def extension(run: NotebookRun) -> dict[str, Any]:

@@ -53,7 +53,7 @@ def generate_from_layout(layout_path: str | Path, out_dir: str | Path, model: st
                          num_images: int = 1, device: str = "cpu", dtype: torch.dtype = torch.float32,
                          drop: str = "mask", negative_prompt: str | None = None, truncate: bool = False,
                          refine: float = 0.0, overwrite: bool = False, verify: bool = True, method: str = "plms",
-                         pipe=None) -> list[Path]:
+                         pipe=None, max_batch: int | None = None) -> list[Path]:
     from instdiff_lib.sampling.pipeline import DEFAULT_NEGATIVE_PROMPT, InstanceDiffusionPipeline
     from instdiff_lib.weights.embedded import default_model, recommended_negative_prompt
 
@@ -83,7 +83,7 @@ def generate_from_layout(layout_path: str | Path, out_dir: str | Path, model: st
 
     pipe = pipe or InstanceDiffusionPipeline.from_pretrained(model, device=device, dtype=dtype, verify=verify)
     result = pipe(layout, seed=seed, steps=steps, guidance=guidance, alpha=alpha, mis=mis, num_images=num_images,
-                  negative_prompt=params["negative_prompt"], drop=drop, method=method)
+                  negative_prompt=params["negative_prompt"], drop=drop, method=method, max_batch=max_batch)
     images = result.images
     if refine > 0:
         images = refine_images(images, layout.caption, refine, device)
