@@ -259,16 +259,19 @@ def _check_detector(repo: str) -> str | None:
     folder = cfg.parent
     if not any((folder / w).is_file() for w in ("model.safetensors", "pytorch_model.bin")):
         return "no model weights (model.safetensors) beside config.json"
-    if not (folder / "preprocessor_config.json").is_file():
+    if not any((folder / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")):
         return "no preprocessor_config.json"
     return None
 
 
 def profile_params(profile: str = "full", params_dir: str | os.PathLike | None = None,
                    notebooks: list[str] | None = None) -> dict[str, dict]:
-    """The effective parameters of each notebook of a profile (its params files, or those of ``params_dir``)."""
+    """The effective parameters of each notebook of a profile (its params files, or those of ``params_dir``: the
+    notebooks that have a file there)."""
     from instdiff_lib.report.runner import NOTEBOOKS, effective_params
 
+    if notebooks is None and params_dir:
+        notebooks = [n for n in NOTEBOOKS if (Path(params_dir) / f"{n}.yaml").is_file()]
     out = {}
     for name in notebooks or NOTEBOOKS:
         pfile = Path(params_dir) / f"{name}.yaml" if params_dir else None
@@ -291,7 +294,7 @@ def full_assets(params: dict[str, dict]) -> list[Asset]:
             assets.append(Asset("model", "InstanceDiffusion converted for instdiff (fp16)", folder,
                                 f"instdiff convert {CHECKPOINT} --out {_rel(folder)} --dtype fp16",
                                 lambda folder=folder: _check_model(folder)))
-        if any(a.check() is not None for a in assets if a.key == "model"):  # the .pth is only needed to convert
+        if any(a.problem() is not None for a in assets if a.key == "model"):  # the .pth is only needed to convert
             assets.insert(0, Asset("checkpoint", "InstanceDiffusion checkpoint (instancediffusion_sd15.pth, 13.6 GB)",
                                    ckpt, "instdiff download --only checkpoint", lambda: _check_checkpoint(ckpt)))
     if "coco" in needed:
@@ -396,6 +399,14 @@ def _offline(url: str) -> str | None:
     return offline_reason(url)
 
 
+def _fail_if_offline(asset: Asset, url: str) -> None:
+    why = _offline(url)
+    if why:
+        raise AssetsMissing(f"cannot download the {asset.key} asset now ({why}). On a machine with internet run "
+                            f"`{asset.fetch}` and copy {_rel(asset.path)} here, or point at a copy with "
+                            f"`instdiff download --only {asset.key} --from DIR`.")
+
+
 def fetch(asset: Asset) -> str:
     """Download one asset into its documented location with the library that owns it; fails fast offline."""
     from instdiff_lib.evaluation.metrics.fid import INCEPTION_URL
@@ -405,23 +416,25 @@ def fetch(asset: Asset) -> str:
             "coco": "http://images.cocodataset.org"}
     if asset.key == "model":
         raise AssetsMissing(f"{_rel(asset.path)} is made, not downloaded: {asset.fetch}")
-    why = _offline(urls[asset.key])
-    if why:
-        raise AssetsMissing(f"cannot download the {asset.key} asset now ({why}). On a machine with internet run "
-                            f"`{asset.fetch}` and copy {_rel(asset.path)} here, or point at a copy with "
-                            f"`instdiff download --only {asset.key} --from DIR`.")
-    clear_synthetic(asset.path if asset.key not in ("clip", "detector") else hf_repo_dir(asset.details["repo"]))
+    if asset.key == "coco":
+        from instdiff_lib.datasets.coco import COCO_PART_CONTENTS, download_coco, resize_instances
+
+        ann = asset.path / "annotations"
+        have = all((asset.path / rel).exists() for rel in sum(COCO_PART_CONTENTS.values(), []))
+        if not (have and (synthetic_info(asset.path) is None or rehearsal())):  # only the 512 file to derive: no network
+            _fail_if_offline(asset, urls["coco"])
+            if not rehearsal():
+                clear_synthetic(asset.path)
+            download_coco(asset.path)
+        resize_instances(ann / "instances_val2017.json", ann / "instances_val2017_512.json")
+        return str(asset.path)
+    _fail_if_offline(asset, urls[asset.key])
+    if not rehearsal():  # a synthetic stand-in is replaced by the real thing
+        clear_synthetic(asset.path if asset.key not in ("clip", "detector") else hf_repo_dir(asset.details["repo"]))
     if asset.key == "checkpoint":
         from instdiff_lib.weights.checkpoint import download_official
 
         return str(download_official(asset.path.parent))
-    if asset.key == "coco":
-        from instdiff_lib.datasets.coco import download_coco, resize_instances
-
-        download_coco(asset.path)
-        ann = asset.path / "annotations"
-        resize_instances(ann / "instances_val2017.json", ann / "instances_val2017_512.json")
-        return str(asset.path)
     if asset.key == "yolo":
         from instdiff_lib.offline import setup_offline_env
 

@@ -124,10 +124,15 @@ COCO_IMAGES = [(640, 480, 2, False), (480, 640, 34, True), (640, 427, 0, False),
                (612, 612, 1, False), (640, 360, 9, False), (427, 640, 3, False), (640, 480, 12, True)]
 
 
-def _coco_categories() -> list[dict]:
-    from instdiff_lib.offline import setup_offline_env
+def _ultralytics_offline() -> None:
+    if "ultralytics" not in sys.modules:  # its settings are read at import: the offline environment first
+        from instdiff_lib.offline import setup_offline_env
 
-    setup_offline_env()
+        setup_offline_env()
+
+
+def _coco_categories() -> list[dict]:
+    _ultralytics_offline()
     import ultralytics
     from ultralytics.data.converter import coco80_to_coco91_class
 
@@ -219,9 +224,7 @@ def write_yolo(path: Path | None = None) -> Path:
     path = path or A.anchored("weights/yolov8m-seg.pt")
     if _skip(path, "YOLO"):
         return path
-    from instdiff_lib.offline import setup_offline_env
-
-    setup_offline_env()
+    _ultralytics_offline()
     from ultralytics import YOLO
 
     cats = _coco_categories()
@@ -312,7 +315,10 @@ def write_detector() -> Path:
     snap = _hub_snapshot(repo)
     (snap / "vocab.txt").write_text("\n".join(_wordpiece_vocab()) + "\n")
     tok = BertTokenizerFast(vocab_file=str(snap / "vocab.txt"), do_lower_case=True)
-    GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(), tokenizer=tok).save_pretrained(snap)
+    image_processor = GroundingDinoImageProcessor()
+    image_processor.processor_class = GroundingDinoProcessor.__name__
+    image_processor.save_pretrained(snap)  # the hub repo's files: preprocessor_config.json, tokenizer files, ...
+    tok.save_pretrained(snap)
     GroundingDinoForObjectDetection(GroundingDinoConfig()).save_pretrained(snap)
     A.mark_synthetic(repo_dir, what="GroundingDinoConfig() (Swin-T, BERT-base), random init")
     _say(f"detector: {A._rel(snap)}")

@@ -196,10 +196,9 @@ def real_image_copies(generated: Sequence[str | os.PathLike], real: Sequence[str
     for sizes where a real image differs from the generated one, ``resized=False`` turns it off), and with
     ``near=True`` ``near`` (mean absolute RGB difference of 32x32 box-filtered thumbnails <= ``near_tol`` grey
     levels: catches resized and re-compressed copies; a genuinely generated image is tens of levels away).
-    ``real`` is a list of paths or a directory (searched recursively for image files).
+    ``real`` is a list of paths or a directory (searched recursively for image files). What is needed of each real
+    image is computed once and kept (:class:`_RealIndex`): later calls decode no real image they have seen.
     """
-    from PIL import Image
-
     gens = [Path(p) for p in generated]
     reals = _expand(real)
     if not gens or not reals:
@@ -220,7 +219,7 @@ def real_image_copies(generated: Sequence[str | os.PathLike], real: Sequence[str
     real_thumbs, real_paths = [], []
     index = _RealIndex.open(reals)
     for r in reals:
-        d = index.get(r, gen_sizes if resized else (), resamples, near)
+        d = index.get(r, gen_sizes if resized else (), resamples)
         for g in by_bytes.get(d["bytes"], []):
             found.setdefault(g, CopyMatch(g, r, "bytes"))
         if d["pixels"] is None:
@@ -281,26 +280,21 @@ class _RealIndex:
             cls._memory[str(path)] = entries
         return cls(path, cls._memory[str(path)])
 
-    def get(self, real: Path, gen_sizes, resamples: Sequence[str], near: bool) -> dict:
+    def get(self, real: Path, gen_sizes, resamples: Sequence[str]) -> dict:
+        """The entry of one real image, with the hashes of its copies resized to every size in ``gen_sizes``."""
         from PIL import Image
 
         st = real.stat()
         key = f"{real.resolve()}|{st.st_size}|{st.st_mtime_ns}"
         d = self.entries.get(key)
-        wanted = [f"{gs[0]}x{gs[1]}:{name}" for gs in gen_sizes for name in resamples]
-        if d is not None and d["pixels"] is not None:
-            wanted_now = [w for w in wanted if w not in d["resized"] and tuple(map(int, w.split(":")[0].split("x")))
-                          != d["size"]]
-            if not wanted_now and (d["thumb"] is not None or not near):
-                return d
+        wanted = [(gs, name, f"{gs[0]}x{gs[1]}:{name}") for gs in gen_sizes for name in resamples]
+        if d is not None and d["pixels"] is not None and all(gs == d["size"] or k in d["resized"] for gs, _, k in wanted):
+            return d
         bk, pk, size, thumb, rgb = _describe(real, True, keep_image=True)
         d = {"bytes": bk, "pixels": pk, "size": size, "thumb": thumb, "resized": dict(d["resized"]) if d else {}}
-        if rgb is not None:
-            for gs in gen_sizes:
-                for name in resamples:
-                    k = f"{gs[0]}x{gs[1]}:{name}"
-                    if gs != size and k not in d["resized"]:
-                        d["resized"][k] = _pixel_key(np.asarray(rgb.resize(gs, getattr(Image.Resampling, name.upper()))))
+        for gs, name, k in wanted:
+            if rgb is not None and gs != size and k not in d["resized"]:
+                d["resized"][k] = _pixel_key(np.asarray(rgb.resize(gs, getattr(Image.Resampling, name.upper()))))
         self.entries[key] = d
         self.dirty = True
         return d
