@@ -33,7 +33,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from instdiff_lib.evaluation.generation import SETTINGS, generate_eval
+from instdiff_lib.evaluation.generation import IMAGE_FORMAT, JPEG_QUALITY, SETTINGS, generate_eval
 
 # metrics as fractions in [0, 1] (the blog prints percentages), except FD/FID and CLIP cosines
 PERCENT_METRICS = ("box_AP", "box_AP50", "box_AR", "mask_AP", "mask_AP50", "mask_AR", "mask_IoU", "PiM",
@@ -67,6 +67,7 @@ class Variant:
         d.pop("name")
         d["drop"] = self.drop or SETTINGS[self.setting]["drop"]
         d["skip_mode"] = self.skip_mode or ModelConfig().skip_mode
+        d["format"] = [IMAGE_FORMAT, JPEG_QUALITY]  # how the images are stored (folders of another format are not reused)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -116,6 +117,7 @@ class RunRecord:
     n_reused: int
     gen_seconds: float
     per_image: dict = field(default_factory=dict)
+    image_ids: list = field(default_factory=list)  # every image scored (per_image lacks those without a mask IoU)
 
 
 def variant_folder(out_root: str | Path, variant: Variant, seed: int) -> Path:
@@ -127,7 +129,7 @@ def generate_variant(world, variant: Variant, seed: int, out_root: str | Path, n
     """Generate (resuming) the images of one variant at one base seed, or one shard of them (SLURM arrays)."""
     items = world.items(SETTINGS[variant.setting]["attribute"], limit=n_images)
     return generate_eval(items, variant_folder(out_root, variant, seed), world.pipeline(), variant.setting,
-                         shard=shard, base_seed=seed, image_format="png", steps=variant.steps,
+                         shard=shard, base_seed=seed, image_format=IMAGE_FORMAT, quality=JPEG_QUALITY, steps=variant.steps,
                          guidance=variant.guidance, alpha=variant.alpha, mis=variant.mis,
                          negative_prompt=world.negative_prompt, progress=progress, drop=variant.drop,
                          skip_mode=variant.skip_mode)
@@ -178,7 +180,7 @@ def score_runs(world, generated: Sequence[Generated], n_images: int, *, fid: boo
         score = scores[g.folder]
         per_image = score["metrics"].get("mask_iou", {}).get("per_image", {})
         records.append(RunRecord(g.variant, g.seed, g.folder, flat_metrics(score), score["n_images"], g.n_generated,
-                                 g.n_reused, g.gen_seconds, per_image))
+                                 g.n_reused, g.gen_seconds, per_image, list(score.get("image_ids", []))))
     return records
 
 
@@ -260,16 +262,17 @@ def real_control(world, n_images: int, settings: Sequence[str] = ("box", "point"
     runs on the same files. The metric functions are called directly: the generated-image guard of
     ``score_setting`` would rightly refuse real images in a generated setting.
     """
-    from instdiff_lib.evaluation.scoring import attribute_items, real_in_gt_frame
+    from instdiff_lib.evaluation.scoring import attribute_items, predict_real
     from instdiff_lib.evaluation.metrics.clip_metrics import attribute_binding
     from instdiff_lib.evaluation.metrics.detection import coco_ap, mask_iou
     from instdiff_lib.evaluation.metrics.pim import pim
 
     items = world.items(None, limit=n_images)
-    files = real_in_gt_frame([(it.image_id, Path(world.real_image_dir) / it.file_name) for it in items],
-                             {it.image_id: it for it in items})
+    files = [(it.image_id, Path(world.real_image_dir) / it.file_name) for it in items]
     ids = [i for i, _ in files]
-    preds = detect(world, files)
+    kw = {"imgsz": world.imgsz} if world.imgsz else {}
+    preds = predict_real(world.detector(), files, {it.image_id: it for it in items}, device=world.device,
+                         class_map=world.class_map, **kw)
     packed = {"box": coco_ap(world.instances_json, preds, "bbox", ids),
               "mask": coco_ap(world.instances_json, preds, "segm", ids),
               "mask_iou": mask_iou(world.instances_json, preds, ids)}
@@ -287,23 +290,50 @@ def real_control(world, n_images: int, settings: Sequence[str] = ("box", "point"
     return {"metrics": out, "n_images": len(files)}
 
 
-def by_instance_count(records: Sequence[RunRecord], world, bins: Sequence[tuple[int, int]] = ((1, 2), (3, 4), (5, 8)),
+COUNT_BINS = ((0, 0), (1, 2), (3, 4), (5, 8), (9, None))  # every image falls in one (None: no upper bound)
+
+
+def by_instance_count(records: Sequence[RunRecord], world, bins: Sequence[tuple[int, int | None]] = COUNT_BINS,
                       row: str | None = None) -> dict[str, dict]:
     """Per-image mask IoU (best same-class prediction per GT instance, averaged per image) binned by the number of
     instances in the layout: mean and 95% CI over the seeds of the per-seed bin means (of the records of ``row``
-    only, when given)."""
+    only, when given).
+
+    Every scored image is counted in exactly one bin (``n_images``, summed over seeds); ``n_without_iou`` of them have
+    no mask IoU (no instance, or crowd annotations only). Bins must cover 0 .. any count: an image outside every bin
+    raises instead of silently vanishing."""
     n_inst = {it.image_id: len(it.boxes) for it in world.items(None)}
-    records = [r for r in records if row is None or r.variant.name == row]
-    out = {}
-    for lo, hi in bins:
-        per_seed = []
-        n = 0
-        for r in records:
-            vals = [v for i, v in r.per_image.items() if lo <= n_inst.get(int(i), -1) <= hi]
-            n += len(vals)
-            per_seed.append(float(np.mean(vals)) if vals else float("nan"))
-        out[f"{lo}-{hi}"] = {**ci95(per_seed), "n_images": n}
-    return out
+    label = lambda lo, hi: str(lo) if lo == hi else (f"{lo}+" if hi is None else f"{lo}-{hi}")  # noqa: E731
+    out = {label(lo, hi): {"per_seed": [], "n_images": 0, "n_without_iou": 0} for lo, hi in bins}
+    for r in (r for r in records if row is None or r.variant.name == row):
+        ids = list(r.image_ids) or [int(i) for i in r.per_image]
+        values: dict[str, list[float]] = {k: [] for k in out}
+        for image_id in ids:
+            n = n_inst[int(image_id)]
+            k = next((label(lo, hi) for lo, hi in bins if lo <= n and (hi is None or n <= hi)), None)
+            if k is None:
+                raise ValueError(f"image {image_id} has {n} instances, outside every bin {list(bins)}")
+            out[k]["n_images"] += 1
+            v = r.per_image.get(str(image_id), r.per_image.get(image_id))
+            if v is None:
+                out[k]["n_without_iou"] += 1
+            else:
+                values[k].append(v)
+        for k, vals in values.items():
+            out[k]["per_seed"].append(float(np.mean(vals)) if vals else float("nan"))
+    return {k: {**ci95(b.pop("per_seed")), **b} for k, b in out.items()}
+
+
+def ablation_grid(base: Variant, spec: dict[str, Sequence]) -> tuple[list[Variant], dict[str, list[str]]]:
+    """The runs of an ablation study: the base variant, then each variant of :func:`ablation_variants` once (a variant
+    equal to the base shares its images), and the groups (field -> row names) for the tables."""
+    pairs = ablation_variants(base, spec)
+    unique: dict[str, Variant] = {}
+    groups: dict[str, list[str]] = {}
+    for group, v in pairs:
+        unique.setdefault(v.name, v)
+        groups.setdefault(group, []).append(v.name)
+    return [base] + list(unique.values()), groups
 
 
 def ablation_variants(base: Variant, spec: dict[str, Sequence]) -> list[tuple[str, Variant]]:

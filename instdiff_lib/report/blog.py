@@ -119,6 +119,13 @@ def shapes_table(doc: dict, metrics: list[str], real_keys: dict[str, str] | None
     return _table(["row"] + metrics + ["N images / seed", "seeds", "profile"], rows)
 
 
+def _not_paper(doc: dict) -> str:
+    """The heading of a results file that is not a paper-scale result (smoke: the Shapes world; rehearsal)."""
+    if doc["profile"] == "smoke":
+        return "Shapes (mini scale), smoke profile — not comparable with the paper"
+    return "Rehearsal: synthetic assets and random weights (instdiff rehearse) — plumbing only, not results"
+
+
 def _figure(path: str, alt: str) -> str:
     return f"![{alt}]({path})" if (project_root() / path).exists() else f"*(figure {path} not generated yet)*"
 
@@ -197,8 +204,7 @@ def render_blog(out: str | os.PathLike | None = None, folder: Path | None = None
         parts += [f"**{kind}**", "", paper_table(kind, setting, pairs, loc), ""]
         n_tables += 1
     if loc:
-        smoke = loc["profile"] == "smoke"
-        parts += ["### Shapes (mini scale), smoke profile — not comparable with the paper" if smoke else
+        parts += [f"### {_not_paper(loc)}" if loc["profile"] != "full" else
                   "### Our rows with their floor and ceiling (COCO, full profile)", "",
                   f"{loc['metrics'].get('world', '')}, model {loc['metrics'].get('model')}. Mean ± 95% CI (Student t) over "
                   "seeds; percentages. FID column: " + loc["metrics"].get("fid_note", "") + ".", "",
@@ -219,7 +225,7 @@ def render_blog(out: str | os.PathLike | None = None, folder: Path | None = None
         n_tables += 1
     if attr:
         chance = attr["metrics"].get("chance", {})
-        parts += ["### Shapes (mini scale), smoke profile" if attr["profile"] == "smoke" else
+        parts += [f"### {_not_paper(attr)}" if attr["profile"] != "full" else
                   "### Our rows with their floor, chance and ceiling (COCO, full profile)", "",
                   "Chance level: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in chance.items()) + ". The "
                   "shuffled-layout rows judge the same generated images at another image's boxes, against that "
@@ -234,7 +240,7 @@ def render_blog(out: str | os.PathLike | None = None, folder: Path | None = None
     parts += ["## Ablations", ""]
     if abl:
         m = abl["metrics"]
-        label = "Shapes (mini scale), smoke profile" if abl["profile"] == "smoke" else "COCO, full profile"
+        label = "COCO, full profile" if abl["profile"] == "full" else _not_paper(abl)
         parts += [f"### {label}", "", "Each row changes one field of the base configuration "
                   f"`{json.dumps({k: v for k, v in m['base'].items() if k != 'name'})}`; alpha = 0 switches the "
                   "fusers off for every step (the plain backbone); mean ± 95% CI over seeds.", "",

@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from instdiff_lib.evaluation.experiments import RunRecord, Variant, ablation_variants
+from instdiff_lib.evaluation.experiments import RunRecord, Variant, ablation_grid, ablation_variants
 from instdiff_lib.layouts.layout import Instance, Layout
 from instdiff_lib.report.context import NotebookRun
 from instdiff_lib.report.figures import load_png, panel
@@ -32,14 +32,19 @@ def world_of(run: NotebookRun):
     """The evaluation world of the run's profile from its parameters (smoke: Shapes; full: COCO)."""
     from instdiff_lib.evaluation.world import coco_world, shapes_world
 
+    from instdiff_lib.report.assets import hf_cache, inception_path
+
     p = run.params
     model = p.get("MODEL") or None
+    max_batch = p.get("MAX_BATCH") or None
     if run.smoke:
-        return shapes_world(n_val=p.get("N_VAL", 200), model=model, device=p.get("DEVICE", "cpu"))
+        return shapes_world(n_val=p.get("N_VAL", 200), model=model, device=p.get("DEVICE", "cpu"), max_batch=max_batch)
     if not model:
         raise ValueError("the full profile needs MODEL (a converted checkpoint folder, see README)")
-    return coco_world(run.path(p["COCO_ROOT"]), model=str(run.path(model)), yolo=p.get("YOLO", "yolov8m-seg.pt"),
-                      device=p.get("DEVICE", "cuda"), dtype=p.get("DTYPE", "float16"))
+    return coco_world(run.path(p["COCO_ROOT"]), model=str(run.path(model)),
+                      yolo=str(run.path(p.get("YOLO", "yolov8m-seg.pt"))), device=p.get("DEVICE", "cuda"),
+                      dtype=p.get("DTYPE", "float16"), clip_cache_dir=hf_cache(), fid_weights=inception_path(),
+                      max_batch=max_batch)
 
 
 def out_root(run: NotebookRun) -> Path:
@@ -78,13 +83,8 @@ class AblationPlan:
 def ablation_plan(run: NotebookRun) -> AblationPlan:
     p = run.params
     base = base_variant(run, p["BASE_SETTING"], name="base")
-    pairs = ablation_variants(base, p["ABLATE"])
-    unique: dict[str, Variant] = {}
-    groups: dict[str, list[str]] = {}
-    for g, v in pairs:
-        unique.setdefault(v.name, v)
-        groups.setdefault(g, []).append(v.name)
-    return AblationPlan(base, pairs, groups, [base] + list(unique.values()))
+    runs, groups = ablation_grid(base, p["ABLATE"])  # the generation array generates the same runs
+    return AblationPlan(base, ablation_variants(base, p["ABLATE"]), groups, runs)
 
 
 def _n(rows: dict[str, dict]) -> int:
@@ -119,17 +119,15 @@ def weights_inventory(run: NotebookRun):
                     if "sha256" in doc:
                         entry[doc.get("weights", meta)] = doc["sha256"]
             found[folder.name] = entry or "no manifest"
-    else:
-        model = run.path(run.params["MODEL"])
-        man = model / "manifest.json"
-        found["model"] = json.loads(man.read_text()).get("files") if man.exists() else f"missing: {model}"
-        yolo = run.path(run.params.get("YOLO", "yolov8m-seg.pt"))
-        if yolo.exists():
-            from instdiff_lib.fileio import sha256_file
+    else:  # every asset of the profile (report/assets.py), after the preflight has checked them all
+        from instdiff_lib.report.assets import full_assets, preflight, profile_params
 
-            found["yolo"] = {yolo.name: sha256_file(yolo)}
-        else:
-            found["yolo"] = f"missing: {yolo}"
+        preflight(run.profile)  # every asset of the chain; all missing ones listed at once, with their fetch commands
+        for a in full_assets(profile_params(run.profile)):
+            found[a.key] = {"path": str(a.path), "problem": a.problem(), "synthetic": bool(a.synthetic())}
+        man = run.path(run.params["MODEL"]) / "manifest.json"
+        if man.exists() and "model" in found:
+            found["model"]["files"] = json.loads(man.read_text()).get("files")
     run.steps["weights"] = found
     rows = {f"{k} / {f}": sha for k, v in found.items() for f, sha in (v.items() if isinstance(v, dict) else [("", v)])}
     return mapping_table(rows, "sha256")
@@ -335,7 +333,12 @@ def placement_detector(run: NotebookRun, world):
         return ShapesYoloDetector(world.detector())
     from instdiff_lib.extension.placement import load_detector
 
-    return load_detector(p.get("DETECTOR", "grounding-dino"), p.get("DETECTOR_MODEL") or None, device=world.device)
+    from instdiff_lib.report.assets import hf_cache
+
+    folder = p.get("DETECTOR_MODEL") or None  # a local folder (anchored at the project root) or a hub id
+    if folder and run.path(folder).is_dir():
+        folder = str(run.path(folder))
+    return load_detector(p.get("DETECTOR", "grounding-dino"), folder, device=world.device, cache_dir=str(hf_cache()))
 
 
 def extension_dir(run: NotebookRun) -> Path:
