@@ -78,11 +78,13 @@ def run_all(profile: str = "smoke", only: list[str] | None = None, html: bool = 
 
 def generation_runs(run) -> list:
     """The (variant, seed) runs whose images a generation notebook scores: its settings (10, 11), or the base
-    configuration and every ablation variant (20). The notebooks and the generation array both use this list."""
+    configuration and every ablation variant (20), each image folder once (a variant that only renames the base,
+    e.g. its own value in an ablation group, shares the base's images). The generation array uses this list."""
     from instdiff_lib.report.sections import ablation_plan, variants
 
     runs = ablation_plan(run).variants if run.name == "20_ablations" else variants(run)
-    return [(v, seed) for v in runs for seed in run.params["SEEDS"]]
+    unique = {v.key(): v for v in reversed(runs)}  # the first variant of each folder (the base before its renames)
+    return [(v, seed) for v in runs if unique[v.key()] is v for seed in run.params["SEEDS"]]
 
 
 def generate_shard(profile: str, shard: tuple[int, int], progress: bool = True,
