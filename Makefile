@@ -7,7 +7,7 @@ OUT ?= outputs
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 PROFILE ?= smoke
-.PHONY: setup report lab demo test test-fast bench bench-quality mutation clean
+.PHONY: setup report rehearsal lab demo test test-fast bench bench-quality mutation clean
 
 $(STAMP): pyproject.toml requirements.lock
 	@$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"Python 3.11 required, found {sys.version.split()[0]} (set PY=/path/to/python3.11)"'
@@ -22,6 +22,12 @@ setup: $(STAMP)
 ## blogpost.md; executed notebooks + HTML in $(OUT)/report/$(PROFILE). PROFILE=full: COCO + released weights (GPU).
 report: $(STAMP)
 	$(BIN)/instdiff report all --profile $(PROFILE)
+
+## The full profile rehearsed on CPU at true size with synthetic assets (random weights, written once where the real
+## ones go): download, convert, preflight, setup check, generation array, notebooks 10/11/20/30/99. Results labelled
+## "rehearsal" in $(OUT)/rehearsal/, never in results/ or blogpost.md. See README, "Run the full protocol".
+rehearsal: $(STAMP)
+	$(BIN)/instdiff rehearse
 
 ## JupyterLab on the notebooks, with the project's venv as the kernel; opens the playground (02_playground) first.
 lab: $(STAMP)

@@ -1,8 +1,9 @@
-"""``instdiff`` command line: generate, convert, download, bench.
+"""``instdiff`` command line: generate, convert, download, bench, report, rehearse.
 
     instdiff generate layouts/boxes_kitchen_animals.json --out outputs/demo --model tiny --steps 20
-    instdiff download --out weights/
+    instdiff download --all                 # every asset of the full profile (README, "Run the full protocol")
     instdiff convert weights/instancediffusion_sd15.pth --out weights/instdiff-sd15 --dtype fp16
+    instdiff rehearse                       # the full profile on CPU with synthetic assets (make rehearsal)
     instdiff bench --config tiny
 """
 
@@ -16,6 +17,8 @@ import time
 from pathlib import Path
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+MAX_BATCH_HELP = ("UNet samples per call (both guidance halves of every MIS branch form one batch); default: what fits "
+                  "in the free GPU memory, measured once (CPU: all at once)")
 
 
 def _dtype(name: str):
@@ -42,7 +45,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         alpha=args.alpha, mis=args.mis, num_images=args.num_images, device=_device(args.device),
         dtype=_dtype(args.dtype), drop=args.drop, negative_prompt=args.negative_prompt, truncate=args.truncate,
         refine=args.refine, overwrite=args.overwrite, verify=not args.no_verify, method=args.method,
-        skip_mode=args.skip_mode)
+        skip_mode=args.skip_mode, max_batch=args.max_batch)
     for p in paths:
         print(p)
     return 0
@@ -64,9 +67,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from instdiff_lib.weights.checkpoint import download_official
+    if not (args.all or args.only):
+        from instdiff_lib.weights.checkpoint import download_official
 
-    print(download_official(args.out))
+        print(download_official(args.out))
+        return 0
+    from instdiff_lib.report.assets import download
+
+    failed = download(args.only, sources=args.sources, params_dir=args.params_dir)
+    if failed:
+        lines = "\n".join(f"  - {a.key}: {why}" for a, why in failed)
+        print(f"error: {len(failed)} asset(s) could not be fetched:\n{lines}", file=sys.stderr)
+        return 2
+    print("every asset of the full profile is in place (next: instdiff convert, see README)")
     return 0
 
 
@@ -160,7 +173,8 @@ def cmd_eval_generate(args: argparse.Namespace) -> int:
     items = protocol_items(args.instances, args.captions, attribute=SETTINGS[args.setting]["attribute"])
     if args.limit:
         items = items[: args.limit]
-    pipe = InstanceDiffusionPipeline.from_pretrained(args.model, device=_device(args.device), dtype=_dtype(args.dtype))
+    pipe = InstanceDiffusionPipeline.from_pretrained(args.model, device=_device(args.device), dtype=_dtype(args.dtype),
+                                                     max_batch=args.max_batch)
     generate_eval(items, args.out, pipe, args.setting, shard=shard, base_seed=args.seed, image_format=args.format,
                   quality=args.quality, steps=args.steps, guidance=args.guidance, alpha=args.alpha, mis=args.mis)
     return 0
@@ -213,6 +227,8 @@ def cmd_eval_score(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from instdiff_lib.evaluation.generation import IMAGE_FORMAT, JPEG_QUALITY
+
     p = argparse.ArgumentParser(prog="instdiff", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -238,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--truncate", action="store_true", help="keep the first 30 instances instead of failing")
     g.add_argument("--refine", type=float, default=0.0, metavar="STRENGTH",
                    help="SDXL-refiner img2img pass with this strength (needs the refiner weights)")
+    g.add_argument("--max-batch", type=int, default=None, help=MAX_BATCH_HELP)
     g.add_argument("--overwrite", action="store_true", help="regenerate even if the outputs exist")
     g.add_argument("--no-verify", action="store_true", help="skip sha256 checks of a converted model")
     g.set_defaults(func=cmd_generate)
@@ -250,8 +267,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sha256", default=None, help="expected sha256 of the checkpoint (checked before loading)")
     c.set_defaults(func=cmd_convert)
 
-    d = sub.add_parser("download", help="download the released InstanceDiffusion checkpoint (huggingface_hub)")
-    d.add_argument("--out", default="weights")
+    d = sub.add_parser("download", help="fetch the full profile's assets (--all), or only the released checkpoint")
+    d.add_argument("--all", action="store_true", help="every asset of the full profile, into the documented "
+                   "locations (checkpoint, COCO, YOLOv8m-seg, CLIP ViT-L/14, FID Inception, the extension's detector)")
+    d.add_argument("--only", nargs="+", default=None, metavar="KEY",
+                   choices=["checkpoint", "coco", "yolo", "clip", "inception", "detector"], help="just these assets")
+    d.add_argument("--from", dest="sources", action="append", default=[], metavar="DIR",
+                   help="a folder holding copies (a Hugging Face cache, a torch hub checkpoints folder, a COCO root, "
+                   "or the files themselves): they are linked into place instead of downloaded; repeatable")
+    d.add_argument("--params-dir", default=None, help="read the asset locations from these params files "
+                   "(default jobs/params/full)")
+    d.add_argument("--out", default="weights", help="without --all/--only: where the checkpoint goes")
     d.set_defaults(func=cmd_download)
 
     b = sub.add_parser("bench", help="batched vs official-order sampling speed, in one process")
@@ -305,15 +331,18 @@ def build_parser() -> argparse.ArgumentParser:
     eg.add_argument("--instances", required=True, help="instances json (512x512 resized for COCO)")
     eg.add_argument("--captions", default=None, help="captions json (the protocol uses the first caption)")
     eg.add_argument("--out", required=True)
-    eg.add_argument("--model", default="tiny")
+    eg.add_argument("--model", required=True, help="converted folder (instdiff convert), official .pth, or a preset "
+                    "name (random weights: tests only)")
     eg.add_argument("--seed", type=int, default=0, help="base seed; image seed = f(base seed, image id)")
     eg.add_argument("--steps", type=int, default=None)
     eg.add_argument("--guidance", type=float, default=None)
     eg.add_argument("--alpha", type=float, default=None)
     eg.add_argument("--mis", type=float, default=None)
-    eg.add_argument("--format", default="jpg", choices=["jpg", "png"])
-    eg.add_argument("--quality", type=int, default=75, help="JPEG quality (official: PIL default 75)")
+    eg.add_argument("--format", default=IMAGE_FORMAT, choices=["jpg", "png"],
+                    help="image format (the protocol: jpg, like the official eval and the notebooks)")
+    eg.add_argument("--quality", type=int, default=JPEG_QUALITY, help="JPEG quality (official: PIL default 75)")
     eg.add_argument("--limit", type=int, default=None, help="only the first N images (smoke runs)")
+    eg.add_argument("--max-batch", type=int, default=None, help=MAX_BATCH_HELP)
     eg.add_argument("--device", default="auto")
     eg.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     eg.set_defaults(func=cmd_eval_generate)
@@ -359,7 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluator_parsers(add_train_parser(sub))  # instdiff train shapes | shapes-yolo | shapes-clip
     from instdiff_lib.report.runner import add_report_parser
 
-    add_report_parser(sub)  # instdiff report notebook|all|generate|blog
+    add_report_parser(sub)  # instdiff report notebook|all|generate|preflight|blog
+    from instdiff_lib.report.rehearsal import add_rehearse_parser
+
+    add_rehearse_parser(sub)  # instdiff rehearse
 
     q = sub.add_parser("parity", help="compare with the official implementation's golden tensors (shared/parity)")
     q.add_argument("--fixture", default=None, help="fixture folder (default: $INSTDIFF_PARITY_DIR or ../shared/parity)")

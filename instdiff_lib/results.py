@@ -6,7 +6,8 @@
      "provenance": {"git_sha": "...", "git_dirty": false, "versions": {...}, "device": "...", ...},
      "wall_time_s": 1234.5}
 
-Smoke results are labelled as such and never enter a paper table (the blog renderer checks ``profile``).
+Smoke results are labelled as such and never enter a paper table (the blog renderer checks ``profile``); so are the
+full-profile results of the rehearsal (``$INSTDIFF_REHEARSAL`` set: ``profile`` becomes ``"rehearsal"``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ from typing import Any
 from instdiff_lib.fileio import atomic_write_text
 
 PROFILES = ("smoke", "full")
+REHEARSAL = "rehearsal"  # the label of full-profile results written by `instdiff rehearse` (synthetic assets)
+REHEARSAL_ENV = "INSTDIFF_REHEARSAL"  # set by `instdiff rehearse` for every stage it runs
+
+
+def in_rehearsal() -> bool:
+    return os.environ.get(REHEARSAL_ENV, "") not in ("", "0")
 TRACKED_PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "safetensors", "numpy", "pycocotools",
                     "ultralytics", "open_clip_torch", "torchmetrics", "scikit-image", "papermill")
 
@@ -84,6 +91,8 @@ def write_results(path: str | Path, metrics: dict[str, Any], *, params: dict[str
         raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if profile == "full" and in_rehearsal():
+        profile = REHEARSAL  # synthetic assets, random weights: labelled so, never a "full" (paper-table) result
     doc = {"metrics": metrics, "params": params, "n_evaluated": n_evaluated, "n_skipped": n_skipped,
            "profile": profile, "wall_time_s": wall_time_s, "provenance": provenance(), **(extra or {})}
     return atomic_write_text(path, json.dumps(doc, indent=2, default=_jsonable))

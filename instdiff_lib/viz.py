@@ -121,3 +121,74 @@ def image_grid(images: list[Image.Image], ncols: int) -> Image.Image:
         row, col = divmod(k, ncols)
         grid.paste(im.convert("RGB"), (col * cell_w, row * cell_h))
     return grid
+
+
+def fed_layout(layout: Layout, drop, seed: int) -> Layout:
+    """The layout as the model is fed it: only the modalities that ``drop`` keeps, with the points and scribbles the
+    pipeline derives for ``seed`` (box centres; 20 random mask pixels), so a figure shows what the fusers saw.
+
+    ``drop``: a :class:`~instdiff_lib.model.config.DropFlags` or its ``(boxes, points, scribbles, masks)`` tuple
+    (True = dropped). An instance with nothing left is kept with no location (caption only)."""
+    from instdiff_lib.layouts.layout import Instance, grounding_arrays
+
+    no_box, no_point, no_scribble, no_mask = drop.as_tuple() if hasattr(drop, "as_tuple") else tuple(drop)
+    arrays = grounding_arrays(layout, seed, seg_size=8)  # segs unused here: the smallest size
+    out = []
+    for i, inst in enumerate(layout.instances):
+        scribble = arrays["scribbles"][i].reshape(-1, 2)
+        out.append(Instance(inst.caption, box=None if no_box else inst.box,
+                            point=None if no_point else tuple(arrays["points"][i]),
+                            scribble=None if (no_scribble or not scribble.any()) else scribble,
+                            mask=None if no_mask else inst.mask, category=inst.category))
+        if no_box:
+            out[-1].box = None  # Instance() derives a box from a mask; a dropped box stays dropped
+    return Layout(caption=layout.caption, width=layout.width, height=layout.height, instances=out)
+
+
+def _upscaled(image: Image.Image, size: int) -> Image.Image:
+    """``image`` as a size x size RGB cell (nearest when enlarging small images, so pixels stay visible)."""
+    image = image.convert("RGB")
+    return image.resize((size, size), Image.Resampling.NEAREST if image.width < size else Image.Resampling.BICUBIC)
+
+
+def draw_detections(image: Image.Image, detections: list[dict], size: int = 256, min_score: float = 0.25,
+                    names: dict[int, str] | None = None) -> Image.Image:
+    """Detector results (COCO result dicts: ``bbox`` [x, y, w, h] pixels of ``image``, ``score``, ``category_id``,
+    optional RLE ``segmentation``) with ``score >= min_score`` drawn over ``image`` at size x size: mask fill, box,
+    and a "name score" tag, one palette colour per detection, highest score first."""
+    from pycocotools import mask as mask_utils
+
+    scale = size / image.width
+    canvas = _upscaled(image, size).convert("RGBA")
+    shown = sorted((d for d in detections if d["score"] >= min_score), key=lambda d: -d["score"])
+    for k, d in enumerate(shown):
+        if d.get("segmentation"):
+            m = mask_utils.decode(d["segmentation"]).astype(np.uint8) * round(255 * MASK_ALPHA)
+            fill = Image.new("RGBA", (size, size), PALETTE[k % len(PALETTE)] + (0,))
+            fill.putalpha(Image.fromarray(m).resize((size, size), Image.Resampling.NEAREST))
+            canvas = Image.alpha_composite(canvas, fill)
+    out = canvas.convert("RGB")
+    draw = ImageDraw.Draw(out)
+    font = _font(max(10, size // 20))
+    for k, d in enumerate(shown):
+        x, y, w, h = (v * scale for v in d["bbox"])
+        colour = PALETTE[k % len(PALETTE)]
+        draw.rectangle([x, y, x + w, y + h], outline=colour, width=2)
+        name = (names or {}).get(d["category_id"], str(d["category_id"]))
+        _label(draw, (x + 2, y + 2), f"{name} {d['score']:.2f}", colour, font)
+    return out
+
+
+def titled_grid(images: list[Image.Image], titles: list[str], ncols: int, size: int = 192) -> Image.Image:
+    """:func:`image_grid` of size x size cells, each with its title written in a band above it."""
+    if len(titles) != len(images):
+        raise ValueError(f"{len(images)} images but {len(titles)} titles")
+    font = _font(max(10, size // 16))
+    band = max(14, size // 10) * max([1] + [t.count("\n") + 1 for t in titles])
+    cells = []
+    for im, title in zip(images, titles):
+        cell = Image.new("RGB", (size, size + band), "white")
+        cell.paste(_upscaled(im, size) if im.size != (size, size) else im.convert("RGB"), (0, band))
+        ImageDraw.Draw(cell).multiline_text((3, 2), title, fill=(0, 0, 0), font=font)
+        cells.append(cell)
+    return image_grid(cells, ncols)

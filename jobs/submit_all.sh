@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Submit the whole report as one SLURM dependency chain (resources from jobs/cluster.env):
 #
-#   00_setup_check, 01_demos, 20_ablations, 30_extension      independent notebook jobs
-#   generate                                                   array, one task per shard (N_SHARDS)
-#   10_location_formats, 11_attribute_binding                  afterok: generate (every task)
+#   (full profile) instdiff report preflight                   every asset checked first: nothing is submitted
+#                                                              while one is missing (all are listed, with fetch commands)
+#   00_setup_check, 01_demos, 30_extension                     independent notebook jobs
+#   generate                                                   array, one task per shard (N_SHARDS): the images of
+#                                                              10, 11 and the ablations of 20
+#   10_location_formats, 11_attribute_binding, 20_ablations    afterok: generate (every task); they only score
 #   99_blogpost                                                afterok: all of the above
 #
 # Every job has --kill-on-invalid-dep=yes: if a job fails, its dependents are cancelled, not left pending.
@@ -23,10 +26,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 NOTEBOOKS=(00_setup_check 01_demos 10_location_formats 11_attribute_binding 20_ablations 30_extension 99_blogpost)
-AFTER_GENERATE=" 10_location_formats 11_attribute_binding "   # read the generation array's images
+AFTER_GENERATE=" 10_location_formats 11_attribute_binding 20_ablations "   # read the generation array's images
 FINAL=99_blogpost                                              # renders the blog from everything
 
-usage() { sed -n '11,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '14,24p' "$0" | sed 's/^# \{0,1\}//'; }
 profile=smoke dry=0 wait=0 local=0
 for arg in "$@"; do
     case $arg in
@@ -147,12 +150,20 @@ array="0-$((n_shards - 1))"
 array_max=$(setting ARRAY_MAX)
 if [ -n "$array_max" ]; then array+="%$array_max"; fi
 
+# the full profile's assets, all checked before anything is submitted (instdiff_lib/report/assets.py)
+read -ra CLI <<<"${INSTDIFF_CMD:-$CLUSTER_VENV/bin/instdiff}"
+PREFLIGHT=("${CLI[@]}" report preflight --profile "$profile")
+
 if [ "$dry" = 1 ]; then
     echo "# jobs/submit_all.sh $profile --dry-run: run from the repo root; outputs/slurm/ must exist"
-elif [ "$local" = 1 ]; then
-    mkdir -p outputs/slurm
+    if [ "$profile" = full ]; then shellwords "${PREFLIGHT[@]}"; echo; fi
 else
-    command -v sbatch >/dev/null || { echo "error: sbatch not found (no SLURM here; see ci/slurm/up.sh)" >&2; exit 1; }
+    if [ "$local" = 0 ]; then
+        command -v sbatch >/dev/null || { echo "error: sbatch not found (no SLURM here; see ci/slurm/up.sh)" >&2; exit 1; }
+    fi
+    if [ "$profile" = full ] && ! "${PREFLIGHT[@]}"; then
+        echo "error: the preflight found missing or broken assets (listed above): nothing submitted" >&2; exit 1
+    fi
     mkdir -p outputs/slurm
 fi
 

@@ -48,11 +48,11 @@ from instdiff_lib.weights.keymap import (
 )
 from instdiff_lib.weights.manifest import SD15_OFFICIAL_CONFIG, key_group, manifest_numel, meta_state_dict, official_unet_manifest
 from instdiff_lib.model.unet import InstanceUNet
+from instdiff_lib.weights import synthetic
+from instdiff_lib.weights.synthetic import FAKE_OMEGACONF, RELEASED_ENTRIES, TEXT_PREFIX, official_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUT = ROOT / "layouts" / "boxes_kitchen_animals.json"
-TEXT_PREFIX = "transformer.text_model."
-FAKE_OMEGACONF = ("omegaconf", "omegaconf.dictconfig")
 CONFIG_CONTENT = {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion",
                             "params": {"model_channels": 32, "grounding_tokenizer": {"params": {"in_dim": 64}}}}}
 
@@ -81,50 +81,8 @@ def assert_components_equal(comp: Components, want: dict[str, dict[str, torch.Te
         assert_same_tensors(got[name], want[name], f"{name}: ")
 
 
-def make_fake_omegaconf():
-    """A stand-in for ``omegaconf.dictconfig.DictConfig``: pickled by reference to that module."""
-    pkg = types.ModuleType("omegaconf")
-    sub = types.ModuleType("omegaconf.dictconfig")
-
-    class DictConfig:
-        def __init__(self, content, parent=None):
-            self._content = content
-            self._parent = parent
-
-    DictConfig.__module__ = "omegaconf.dictconfig"
-    DictConfig.__qualname__ = DictConfig.__name__ = "DictConfig"
-    sub.DictConfig = DictConfig
-    pkg.dictconfig = sub
-    return {"omegaconf": pkg, "omegaconf.dictconfig": sub}, DictConfig
-
-
 def save_official(ckpt: dict, path: Path) -> Path:
-    """``torch.save`` (zip format) with an OmegaConf-like ``config_dict``; the fake module exists only while saving."""
-    modules, DictConfig = make_fake_omegaconf()
-    previous = {n: sys.modules[n] for n in FAKE_OMEGACONF if n in sys.modules}
-    sys.modules.update(modules)
-    try:
-        cfg = DictConfig(dict(CONFIG_CONTENT))
-        cfg._parent = DictConfig({"nested": True})  # nested objects of the missing class too
-        torch.save({**ckpt, "config_dict": cfg}, path)
-    finally:
-        for n in FAKE_OMEGACONF:
-            sys.modules.pop(n, None)
-        sys.modules.update(previous)
-    assert zipfile.is_zipfile(path)
-    return path
-
-
-def official_dict(comp: Components, model_seed: int = 123) -> dict:
-    """The entries of an official checkpoint for ``comp``: ``ema`` = comp's UNet, ``model`` = other values."""
-    ema = {k: v.detach().clone() for k, v in convert_unet_state_dict_to_ldm(comp.unet.unet.state_dict(), layout_of(comp.cfg)).items()}
-    g = torch.Generator().manual_seed(model_seed)
-    model = {k: v + torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in ema.items()}
-    vae = {k: v.detach().clone() for k, v in convert_vae_state_dict_to_ldm(comp.vae.state_dict(), comp.cfg.vae).items()}
-    text = {TEXT_PREFIX + k: v.detach().clone() for k, v in comp.text.model.state_dict().items()}
-    text[TEXT_PREFIX + "embeddings.position_ids"] = torch.arange(comp.cfg.text.max_position_embeddings)[None]
-    return {"ema": ema, "model": model, "autoencoder": vae, "text_encoder": text,
-            "opt": {"state": {}, "param_groups": [{"lr": 5e-5, "betas": (0.9, 0.999)}]}, "iters": 5}
+    return synthetic.save_official(ckpt, path, CONFIG_CONTENT)
 
 
 def model_entry_sd(official: dict, cfg) -> dict[str, torch.Tensor]:
@@ -217,7 +175,7 @@ def test_fake_checkpoint_needs_omegaconf_for_a_plain_unpickler(fake_pth):
 
 def test_read_official_stubs_the_config(fake_pth, official):
     ckpt = read_official(fake_pth)
-    assert set(ckpt) == {"ema", "model", "autoencoder", "text_encoder", "config_dict", "opt", "iters"}
+    assert set(ckpt) == set(RELEASED_ENTRIES)  # the released file's entries (spec §2.1)
     assert ckpt["iters"] == 5
     assert ckpt["opt"]["param_groups"][0]["lr"] == 5e-5
     cfg = ckpt["config_dict"]
@@ -521,6 +479,26 @@ def test_cli_convert_and_generate(fake_pth, originals, tmp_path, capsys):
     assert main(["generate", str(LAYOUT), "--out", str(out_pth), "--model", str(fake_pth), "--steps", "2",
                  "--mis", "0.36", "--device", "cpu"]) == 0
     assert (out_pth / names[0]).read_bytes() == first[paths[0]]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_cli_convert_fp16_then_generate(fake_pth, tmp_path, dtype):
+    """The README's released-weights path: ``convert --dtype fp16`` then ``generate`` (fp32 or fp16), with the tiny
+    preset's real KL VAE (the Shapes model's parameter-free "VAE" would hide a dtype mismatch in decode)."""
+    from PIL import Image
+
+    from instdiff_lib.cli import main
+
+    model_dir = tmp_path / "tiny-fp16"
+    assert main(["convert", str(fake_pth), "--out", str(model_dir), "--dtype", "fp16"]) == 0
+    assert json.loads((model_dir / "manifest.json").read_text())["dtype"] == "float16"
+    assert load_converted(model_dir).vae.dtype == torch.float16  # stored in fp16: the pipeline must upcast it
+    out = tmp_path / "out"
+    assert main(["generate", str(LAYOUT), "--out", str(out), "--model", str(model_dir), "--steps", "1", "--mis", "0",
+                 "--device", "cpu", "--dtype", dtype]) == 0
+    with Image.open(out / f"{LAYOUT.stem}__seed0__0.png") as im:
+        assert im.size == (128, 128)
+    assert json.loads((out / f"{LAYOUT.stem}__seed0.json").read_text())["dtype"] == f"torch.float{dtype[2:]}"
 
 
 def test_cli_generate_errors(tmp_path, capsys):

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -248,22 +249,44 @@ def test_attribute_setting_scores_known_colours_on_gt_crops(shapes, tmp_path):
     assert att["n_evaluated"] == sum(len(by_id[row["image_id"]].boxes) for row in rows) and att["n_skipped"] == 0
 
 
-def test_real_control_is_scored_in_the_gt_frame(shapes, tmp_path):
-    """Real photos of another size (the original COCO files vs the 512 GT) are resized into the GT frame."""
+def test_real_control_detects_each_photo_at_its_own_aspect_ratio(shapes, tmp_path, monkeypatch):
+    """The upper-bound row: YOLO sees the original (non-square) photos, not copies squeezed into the 512x512 GT frame;
+    its detections are mapped into the GT frame as the GT itself was. A detector that finds every object exactly on
+    the photos then scores AP 1 in the GT frame."""
     from PIL import Image
 
     from instdiff_lib.datasets.coco import protocol_items
-    from instdiff_lib.evaluation.scoring import real_in_gt_frame
+    from instdiff_lib.evaluation.metrics import detection
+    from instdiff_lib.evaluation.metrics.detection import YoloPredictions, rle_encode
 
     items = {it.image_id: it for it in protocol_items(shapes.instances_json, None)}
-    big = tmp_path / "orig"
-    big.mkdir()
+    photos = tmp_path / "val2017"  # the "original" photos: 96 x 72, the GT frame is 64 x 64
+    photos.mkdir()
     for it in items.values():
-        Image.open(shapes.image_dir / it.file_name).resize((96, 80)).save(big / it.file_name)
-    files = real_in_gt_frame([(i, big / it.file_name) for i, it in items.items()], items, cache=tmp_path / "c")
-    assert all(Image.open(p).size == (64, 64) for _, p in files)
-    same = real_in_gt_frame([(i, shapes.image_dir / it.file_name) for i, it in items.items()], items, cache=tmp_path / "c")
-    assert [p for _, p in same] == [shapes.image_dir / it.file_name for it in items.values()]
+        Image.open(shapes.image_dir / it.file_name).resize((96, 72)).save(photos / it.file_name)
+    seen = {}
+
+    def perfect_detector(model, files, **kw):  # every GT instance, found on the photo it was given
+        rows = []
+        for image_id, path in files:
+            with Image.open(path) as im:
+                seen[image_id] = im.size
+                w, h = im.size
+            it = items[image_id]
+            for k, (x0, y0, x1, y1) in enumerate(it.boxes):
+                m = np.asarray(Image.fromarray(it.layout.instances[k].mask.astype(np.uint8) * 255).resize((w, h),
+                                                                                                      Image.NEAREST)) > 0
+                rows.append({"image_id": image_id, "category_id": it.category_ids[k], "score": 0.9,
+                             "bbox": [x0 * w, y0 * h, (x1 - x0) * w, (y1 - y0) * h],
+                             "segmentation": rle_encode(torch.from_numpy(m[None]))[0]})
+        return YoloPredictions(rows, image_ids=[i for i, _ in files])
+
+    monkeypatch.setattr(detection, "yolo_predict", perfect_detector)
+    r = score_setting("real", instances_json=shapes.instances_json, real_image_dir=photos, yolo="yolov8n-seg.yaml",
+                      progress=False)
+    assert set(seen.values()) == {(96, 72)}  # the photos themselves, aspect ratio kept
+    assert r["metrics"]["box"]["values"]["AP50"] == pytest.approx(1.0)
+    assert r["metrics"]["mask_iou"]["values"]["IoU"] > 0.9
 
 
 def test_metrics_bench_runs_small():

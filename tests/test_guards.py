@@ -4,6 +4,7 @@ import hashlib
 import io
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,3 +140,59 @@ def test_sanity_flag_real_like():
     assert sanity_flag_real_like({"AP": 0.271}, "mask") is None
     assert sanity_flag_real_like({"AP": 0.499}, "real") is None  # the real-image control itself
     assert sanity_flag_real_like({"AP": float("nan")}, "box") is None
+
+
+# ---- the protocol's guard: near copies refused, real images decoded once -------------------------------------------
+
+
+def test_scoring_refuses_a_resized_resaved_real_photo(tmp_path):
+    """A real photo resized to the 512-like GT frame and re-saved as JPEG is no byte, pixel or exact-resize copy;
+    the scoring guard (near duplicates on, the protocol default) still refuses it."""
+    import json
+
+    from instdiff_lib.evaluation.scoring import score_setting
+
+    real = tmp_path / "val2017"
+    real.mkdir()
+    for i in (1, 2):
+        photo_like(i, 96, 72).save(real / f"{i:012d}.jpg", quality=90)
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    rows = []
+    for i in (1, 2):
+        p = gen / f"{i:012d}.jpg"
+        src = real / f"{i:012d}.jpg" if i == 1 else None
+        img = Image.open(src).resize((64, 64), Image.BILINEAR) if src else photo_like(99, 64, 64)
+        img.save(p, quality=75)
+        rows.append({"image_id": i, "file": p.name, "seed": 0, "sha256": sha(p), "setting": "box"})
+    (gen / "manifest-000-of-001.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps({"images": [{"id": i, "file_name": f"{i:012d}.jpg", "width": 64, "height": 64}
+                                         for i in (1, 2)], "annotations": [],
+                              "categories": [{"id": 1, "name": "thing"}]}))
+    with pytest.raises(GuardError, match=r"000000000001.jpg .*\(near\)"):
+        score_setting("box", instances_json=gt, images_dir=gen, real_image_dir=real, yolo="yolov8n-seg.yaml",
+                      progress=False)
+
+
+def test_real_images_are_decoded_once(tmp_path, monkeypatch):
+    from instdiff_lib.evaluation.metrics import guards
+
+    real = tmp_path / "real"
+    real.mkdir()
+    for i in range(4):
+        photo_like(10 + i, 96, 72).save(real / f"r{i}.jpg", quality=90)
+    gens = []
+    for i in range(2):
+        gens.append(tmp_path / f"g{i}.png")
+        photo_like(50 + i, 64, 64).save(gens[-1])
+    decoded = []
+    original = guards._describe
+    monkeypatch.setattr(guards, "_describe", lambda p, *a, **k: decoded.append(Path(p)) or original(p, *a, **k))
+    assert assert_generated(gens, real, near=True) == 2
+    first = [p for p in decoded if p.parent == real]
+    assert len(first) == 4
+    decoded.clear()
+    guards._RealIndex._memory.clear()  # a new process: the index on disk is enough
+    assert assert_generated(gens, real, near=True) == 2
+    assert [p for p in decoded if p.parent == real] == []  # no real image decoded again

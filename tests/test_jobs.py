@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ["00_setup_check", "01_demos", "10_location_formats", "11_attribute_binding", "20_ablations",
              "30_extension", "99_blogpost"]
-AFTER_GENERATE = {"10_location_formats", "11_attribute_binding"}
+AFTER_GENERATE = {"10_location_formats", "11_attribute_binding", "20_ablations"}
 SCRIPTS = sorted([*ROOT.glob("jobs/*.sh"), *ROOT.glob("jobs/*.sbatch"), ROOT / "jobs/cluster.env",
                   *ROOT.glob("ci/slurm/*.sh"), ROOT / ".ci/run"])
 
@@ -213,22 +213,41 @@ def test_dry_run_prints_the_chain(fake_repo):
     assert nb.endswith("jobs/run_notebook.sbatch 20_ablations smoke jobs/params/smoke/20_ablations.yaml)")
 
 
+def fake_preflight(tmp, rc=0):
+    """A stand-in CLI: records its arguments in preflight.log, exits rc (the real preflight: test_full_profile.py)."""
+    cli = tmp / "fake-instdiff"
+    cli.write_text(f'#!/bin/sh\necho "$*" >> "{tmp}/preflight.log"\n[ "$1 $2" = "report preflight" ] && '
+                   f'echo "7 of 7 assets ... missing" >&2 && exit {rc}\nexit 0\n')
+    cli.chmod(0o755)
+    return {"INSTDIFF_CMD": str(cli)}
+
+
 def test_dry_run_output_is_the_script_that_submits(fake_repo):
-    """The printed commands, run by bash, submit the same chain as submit_all.sh itself."""
-    r, _ = run_submit(fake_repo, "full", "--dry-run")
+    """The printed commands, run by bash, submit the same chain as submit_all.sh itself (the preflight first)."""
     repo, env, tmp = fake_repo
+    cli = fake_preflight(tmp)
+    r, _ = run_submit(fake_repo, "full", "--dry-run", env=cli)
+    assert r.stdout.splitlines()[1] == f"{cli['INSTDIFF_CMD']} report preflight --profile full"
     script = tmp / "chain.sh"
     script.write_text(r.stdout)
     assert subprocess.run(["bash", "-e", str(script)], cwd=repo, env=clean_env(**env), timeout=60).returncode == 0
     dry = (tmp / "sbatch.jsonl").read_text()
     (tmp / "sbatch.jsonl").unlink()
-    r2, _ = run_submit(fake_repo, "full")
+    r2, _ = run_submit(fake_repo, "full", env=cli)
     assert r2.returncode == 0, r2.stderr
     assert (tmp / "sbatch.jsonl").read_text() == dry
+    assert (tmp / "preflight.log").read_text().splitlines() == ["report preflight --profile full"] * 2
+
+
+def test_full_chain_is_not_submitted_while_an_asset_is_missing(fake_repo):
+    tmp = fake_repo[2]
+    r, calls = run_submit(fake_repo, "full", env=fake_preflight(tmp, rc=2))
+    assert r.returncode == 1 and calls == []  # nothing submitted
+    assert "7 of 7 assets" in r.stderr and "nothing submitted" in r.stderr
 
 
 def test_submit_chain_with_fake_sbatch(fake_repo):
-    r, calls = run_submit(fake_repo, "full", env={"FAKE_CLUSTER": "1"})
+    r, calls = run_submit(fake_repo, "full", env={"FAKE_CLUSTER": "1", **fake_preflight(fake_repo[2])})
     assert r.returncode == 0, r.stderr
     jobs = by_name(calls)
     assert list(jobs) == ["00_setup_check", "01_demos", "generate", *NOTEBOOKS[2:]]  # submission order
@@ -314,8 +333,8 @@ def test_local_mode_runs_the_chain_without_a_scheduler(fake_repo):
     assert [c.split()[2] for c in calls if "notebook" in c] == NOTEBOOKS
     r = bash(repo / "jobs/submit_all.sh", "smoke", "--local", cwd=tmp, env={**e, "FAKE_FAIL": "--shard 1/2"})
     assert r.returncode == 1
-    assert "FAILED or skipped: generate 10_location_formats 11_attribute_binding 99_blogpost" in r.stderr
-    assert "== 20_ablations: COMPLETED" in r.stdout
+    assert "FAILED or skipped: generate 10_location_formats 11_attribute_binding 20_ablations 99_blogpost" in r.stderr
+    assert "== 30_extension: COMPLETED" in r.stdout
 
 
 # ---- the wrappers call the CLI contract (run as plain bash, INSTDIFF_CMD=echo) --------------------------------------

@@ -1,9 +1,7 @@
-"""Tests for instdiff_lib.extension.planner against a real HTTP server on loopback (tests/llm_server.py)."""
+"""Tests for instdiff_lib.extension.planner against a real HTTP server on loopback (instdiff_lib/extension/llm_stub.py)."""
 
 import json
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -22,8 +20,7 @@ from instdiff_lib.extension.planner import (
     repair_box,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ is not a package
-from llm_server import Raw, Reply, ScriptedLLMServer, Sleep, Status  # noqa: E402
+from instdiff_lib.extension.llm_stub import Raw, Reply, ScriptedLLMServer, Sleep, Status
 
 W = H = 512
 

@@ -1,4 +1,12 @@
-"""The experiments behind the report's notebooks: generate (resumable) -> score -> aggregate over seeds.
+"""The experiments behind the report's notebooks, one protocol step per function (the notebooks call them cell by
+cell)::
+
+    generate_runs(world, variants, seeds, out_root, n)   resumable images, one folder per (variant, seed)
+    detect(world, files)                                  the protocol's detector on a few images (for a look)
+    score_runs(world, generated, n)                       the paper's metric code per (variant, seed)
+    score_runs(world, generated, n, shuffle=1)            the shuffled-layout floor: the same images, another layout
+    real_control(world, n)                                the real-image ceiling: the val images, same metric code
+    aggregate(records)                                    mean, sd and 95% CI over seeds per row
 
 An experiment is a list of :class:`Variant` (an evaluation setting plus generation parameters: steps,
 guidance, alpha, MIS fraction, modality drop, skip mode) run for several base seeds on the first
@@ -25,7 +33,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from instdiff_lib.evaluation.generation import SETTINGS, generate_eval
+from instdiff_lib.evaluation.generation import IMAGE_FORMAT, JPEG_QUALITY, SETTINGS, generate_eval
 
 # metrics as fractions in [0, 1] (the blog prints percentages), except FD/FID and CLIP cosines
 PERCENT_METRICS = ("box_AP", "box_AP50", "box_AR", "mask_AP", "mask_AP50", "mask_AR", "mask_IoU", "PiM",
@@ -59,6 +67,7 @@ class Variant:
         d.pop("name")
         d["drop"] = self.drop or SETTINGS[self.setting]["drop"]
         d["skip_mode"] = self.skip_mode or ModelConfig().skip_mode
+        d["format"] = [IMAGE_FORMAT, JPEG_QUALITY]  # how the images are stored (folders of another format are not reused)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -108,6 +117,7 @@ class RunRecord:
     n_reused: int
     gen_seconds: float
     per_image: dict = field(default_factory=dict)
+    image_ids: list = field(default_factory=list)  # every image scored (per_image lacks those without a mask IoU)
 
 
 def variant_folder(out_root: str | Path, variant: Variant, seed: int) -> Path:
@@ -119,38 +129,66 @@ def generate_variant(world, variant: Variant, seed: int, out_root: str | Path, n
     """Generate (resuming) the images of one variant at one base seed, or one shard of them (SLURM arrays)."""
     items = world.items(SETTINGS[variant.setting]["attribute"], limit=n_images)
     return generate_eval(items, variant_folder(out_root, variant, seed), world.pipeline(), variant.setting,
-                         shard=shard, base_seed=seed, image_format="png", steps=variant.steps,
+                         shard=shard, base_seed=seed, image_format=IMAGE_FORMAT, quality=JPEG_QUALITY, steps=variant.steps,
                          guidance=variant.guidance, alpha=variant.alpha, mis=variant.mis,
                          negative_prompt=world.negative_prompt, progress=progress, drop=variant.drop,
                          skip_mode=variant.skip_mode)
 
 
-def run_variant(world, variant: Variant, seed: int, out_root: str | Path, n_images: int, *, fid: bool = False,
-                progress: bool = False) -> RunRecord:
-    """Generate (resuming) and score one variant at one base seed."""
-    folder = variant_folder(out_root, variant, seed)
-    summary = generate_variant(world, variant, seed, out_root, n_images, progress=progress)
-    # only the first n_images (a folder shared with a larger run, e.g. notebook 10's, may hold more)
-    score = world.score(variant.setting, folder, limit=n_images, fid=fid, progress=False)
-    per_image = {}
-    if "mask_iou" in score["metrics"]:
-        per_image = score["metrics"]["mask_iou"].get("per_image", {})
-    n_eval = max((v["n_evaluated"] for v in score["metrics"].values() if isinstance(v, dict) and "n_evaluated" in v),
-                 default=0)
-    return RunRecord(variant, seed, str(folder), flat_metrics(score), score["n_images"], summary.n_generated,
-                     summary.n_skipped_existing, round(summary.seconds, 2), per_image)
+@dataclass
+class Generated:
+    """The images of one (variant, seed): their folder and what this call generated or found done."""
+
+    variant: Variant
+    seed: int
+    folder: str
+    n_generated: int
+    n_reused: int
+    gen_seconds: float
+
+
+def generate_runs(world, variants: Iterable[Variant], seeds: Sequence[int], out_root: str | Path, n_images: int, *,
+                  progress: bool = True) -> list[Generated]:
+    """Every variant at every seed, generated (resuming: finished images are kept) into its own folder."""
+    from tqdm.auto import tqdm
+
+    runs = [(v, s) for v in variants for s in seeds]
+    out = []
+    for v, s in tqdm(runs, desc="generation (variant x seed)", disable=not progress):
+        summary = generate_variant(world, v, s, out_root, n_images)
+        out.append(Generated(v, s, str(variant_folder(out_root, v, s)), summary.n_generated,
+                             summary.n_skipped_existing, round(summary.seconds, 2)))
+    return out
+
+
+def score_runs(world, generated: Sequence[Generated], n_images: int, *, fid: bool = False, shuffle: int = 0,
+               progress: bool = True) -> list[RunRecord]:
+    """Score the first ``n_images`` of each generated folder with the protocol's metric code (:meth:`World.score`).
+
+    ``shuffle=k``: the shuffled-layout control (each image scored against the layout of the image k later).
+    A folder listed twice (variants that differ only in name, e.g. an ablation's base value) is scored once."""
+    from tqdm.auto import tqdm
+
+    scores: dict[str, dict] = {}
+    records = []
+    for g in tqdm(generated, desc="scoring (variant x seed)" + (" shuffled" if shuffle else ""),
+                  disable=not progress):
+        if g.folder not in scores:
+            # only the first n_images (a folder shared with a larger run, e.g. notebook 10's, may hold more)
+            scores[g.folder] = world.score(g.variant.setting, g.folder, limit=n_images, fid=fid, progress=False,
+                                           shuffle=shuffle)
+        score = scores[g.folder]
+        per_image = score["metrics"].get("mask_iou", {}).get("per_image", {})
+        records.append(RunRecord(g.variant, g.seed, g.folder, flat_metrics(score), score["n_images"], g.n_generated,
+                                 g.n_reused, g.gen_seconds, per_image, list(score.get("image_ids", []))))
+    return records
 
 
 def run_grid(world, variants: Iterable[Variant], seeds: Sequence[int], out_root: str | Path, n_images: int, *,
              fid: bool = False, progress: bool = True) -> list[RunRecord]:
-    """Every variant at every seed (a progress bar over the runs)."""
-    from tqdm.auto import tqdm
-
-    runs = [(v, s) for v in variants for s in seeds]
-    records = []
-    for v, s in tqdm(runs, desc="runs", disable=not progress):
-        records.append(run_variant(world, v, s, out_root, n_images, fid=fid))
-    return records
+    """Every variant at every seed: :func:`generate_runs`, then :func:`score_runs`."""
+    generated = generate_runs(world, variants, seeds, out_root, n_images, progress=progress)
+    return score_runs(world, generated, n_images, fid=fid, progress=progress)
 
 
 def aggregate(records: Sequence[RunRecord], row_of=lambda r: r.variant.name) -> dict[str, dict]:
@@ -172,6 +210,50 @@ def aggregate(records: Sequence[RunRecord], row_of=lambda r: r.variant.name) -> 
     return out
 
 
+def attribute_vocab(world, attribute: str) -> list[str]:
+    """The words CLIP chooses among for ``attribute``: the world's vocabulary, else the official colours/textures."""
+    from instdiff_lib.datasets.coco import TEXTURES_COCO
+    from instdiff_lib.evaluation.metrics.clip_metrics import COLORS
+
+    vocab = (world.attribute_vocab or {}).get(attribute)
+    return list(vocab) if vocab else list(COLORS if attribute == "color" else TEXTURES_COCO)
+
+
+def attribute_crops(world, generated: Generated, n_images: int) -> list[dict]:
+    """What the attribute metric looks at on the first ``n_images`` of one colour/texture run: per ground-truth box
+    crop (``attribute_binding``'s own crops and zero-shot choice), the crop image, the attribute asked for and the
+    one CLIP picked."""
+    from PIL import Image
+
+    from instdiff_lib.evaluation.generation import read_manifest
+    from instdiff_lib.evaluation.metrics.clip_metrics import attribute_binding, crop_instance
+    from instdiff_lib.evaluation.scoring import attribute_items
+
+    attribute = SETTINGS[generated.variant.setting]["attribute"]
+    if attribute is None:
+        raise ValueError(f"setting {generated.variant.setting!r} has no attribute to crop for")
+    files = {r["image_id"]: Path(generated.folder) / r["file"] for r in read_manifest(generated.folder)[:n_images]}
+    by_id = {it.image_id: it for it in world.items(attribute)}
+    items = attribute_items([by_id[i] for i in files])
+    result = attribute_binding(items, files, world.clip(), attribute_vocab(world, attribute), per_image=True)
+    item_of = {it.image_id: it for it in items}
+    out = []
+    for c in result.details["per_crop"]:
+        it = item_of[c["image_id"]]
+        with Image.open(files[c["image_id"]]) as im:
+            out.append({**c, "crop": crop_instance(im.convert("RGB"), it.boxes[c["instance"]], it.width, it.height)})
+    return out
+
+
+def detect(world, files: Sequence[tuple[int, str | Path]]) -> list[dict]:
+    """The world's detector on ``(image_id, path)`` pairs with the protocol's settings (``yolo val``: conf 0.001,
+    NMS IoU 0.7, the world's image size and class map): COCO result dicts with RLE masks."""
+    from instdiff_lib.evaluation.metrics.detection import yolo_predict
+
+    kw = {"imgsz": world.imgsz} if world.imgsz else {}
+    return yolo_predict(world.detector(), files, device=world.device, class_map=world.class_map, **kw)
+
+
 def real_control(world, n_images: int, settings: Sequence[str] = ("box", "point", "scribble", "color", "texture"),
                  ) -> dict[str, Any]:
     """The upper-bound row: the *real* val images scored by the same metric functions (no generation).
@@ -180,17 +262,17 @@ def real_control(world, n_images: int, settings: Sequence[str] = ("box", "point"
     runs on the same files. The metric functions are called directly: the generated-image guard of
     ``score_setting`` would rightly refuse real images in a generated setting.
     """
-    from instdiff_lib.evaluation.scoring import attribute_items, real_in_gt_frame
+    from instdiff_lib.evaluation.scoring import attribute_items, predict_real
     from instdiff_lib.evaluation.metrics.clip_metrics import attribute_binding
-    from instdiff_lib.evaluation.metrics.detection import coco_ap, mask_iou, yolo_predict
+    from instdiff_lib.evaluation.metrics.detection import coco_ap, mask_iou
     from instdiff_lib.evaluation.metrics.pim import pim
 
     items = world.items(None, limit=n_images)
-    files = real_in_gt_frame([(it.image_id, Path(world.real_image_dir) / it.file_name) for it in items],
-                             {it.image_id: it for it in items})
+    files = [(it.image_id, Path(world.real_image_dir) / it.file_name) for it in items]
     ids = [i for i, _ in files]
     kw = {"imgsz": world.imgsz} if world.imgsz else {}
-    preds = yolo_predict(world.detector(), files, device=world.device, class_map=world.class_map, **kw)
+    preds = predict_real(world.detector(), files, {it.image_id: it for it in items}, device=world.device,
+                         class_map=world.class_map, **kw)
     packed = {"box": coco_ap(world.instances_json, preds, "bbox", ids),
               "mask": coco_ap(world.instances_json, preds, "segm", ids),
               "mask_iou": mask_iou(world.instances_json, preds, ids)}
@@ -202,29 +284,56 @@ def real_control(world, n_images: int, settings: Sequence[str] = ("box", "point"
         if attribute not in settings:
             continue
         attr_items = attribute_items(world.items(attribute, limit=n_images))
-        vocab = (world.attribute_vocab or {}).get(attribute)
-        kw = {"attribute_vocab": vocab} if vocab else {}
-        r = attribute_binding(attr_items, dict(files), world.clip(), **kw)
+        r = attribute_binding(attr_items, dict(files), world.clip(), attribute_vocab(world, attribute))
         out[f"{attribute}_acc"] = float(r.values["acc"])
         out[f"{attribute}_clip_local"] = float(r.values["clip_local"])
     return {"metrics": out, "n_images": len(files)}
 
 
-def by_instance_count(records: Sequence[RunRecord], world, bins: Sequence[tuple[int, int]] = ((1, 2), (3, 4), (5, 8))
-                      ) -> dict[str, dict]:
+COUNT_BINS = ((0, 0), (1, 2), (3, 4), (5, 8), (9, None))  # every image falls in one (None: no upper bound)
+
+
+def by_instance_count(records: Sequence[RunRecord], world, bins: Sequence[tuple[int, int | None]] = COUNT_BINS,
+                      row: str | None = None) -> dict[str, dict]:
     """Per-image mask IoU (best same-class prediction per GT instance, averaged per image) binned by the number of
-    instances in the layout: mean and 95% CI over the seeds of the per-seed bin means."""
+    instances in the layout: mean and 95% CI over the seeds of the per-seed bin means (of the records of ``row``
+    only, when given).
+
+    Every scored image is counted in exactly one bin (``n_images``, summed over seeds); ``n_without_iou`` of them have
+    no mask IoU (no instance, or crowd annotations only). Bins must cover 0 .. any count: an image outside every bin
+    raises instead of silently vanishing."""
     n_inst = {it.image_id: len(it.boxes) for it in world.items(None)}
-    out = {}
-    for lo, hi in bins:
-        per_seed = []
-        n = 0
-        for r in records:
-            vals = [v for i, v in r.per_image.items() if lo <= n_inst.get(int(i), -1) <= hi]
-            n += len(vals)
-            per_seed.append(float(np.mean(vals)) if vals else float("nan"))
-        out[f"{lo}-{hi}"] = {**ci95(per_seed), "n_images": n}
-    return out
+    label = lambda lo, hi: str(lo) if lo == hi else (f"{lo}+" if hi is None else f"{lo}-{hi}")  # noqa: E731
+    out = {label(lo, hi): {"per_seed": [], "n_images": 0, "n_without_iou": 0} for lo, hi in bins}
+    for r in (r for r in records if row is None or r.variant.name == row):
+        ids = list(r.image_ids) or [int(i) for i in r.per_image]
+        values: dict[str, list[float]] = {k: [] for k in out}
+        for image_id in ids:
+            n = n_inst[int(image_id)]
+            k = next((label(lo, hi) for lo, hi in bins if lo <= n and (hi is None or n <= hi)), None)
+            if k is None:
+                raise ValueError(f"image {image_id} has {n} instances, outside every bin {list(bins)}")
+            out[k]["n_images"] += 1
+            v = r.per_image.get(str(image_id), r.per_image.get(image_id))
+            if v is None:
+                out[k]["n_without_iou"] += 1
+            else:
+                values[k].append(v)
+        for k, vals in values.items():
+            out[k]["per_seed"].append(float(np.mean(vals)) if vals else float("nan"))
+    return {k: {**ci95(b.pop("per_seed")), **b} for k, b in out.items()}
+
+
+def ablation_grid(base: Variant, spec: dict[str, Sequence]) -> tuple[list[Variant], dict[str, list[str]]]:
+    """The runs of an ablation study: the base variant, then each variant of :func:`ablation_variants` once (a variant
+    equal to the base shares its images), and the groups (field -> row names) for the tables."""
+    pairs = ablation_variants(base, spec)
+    unique: dict[str, Variant] = {}
+    groups: dict[str, list[str]] = {}
+    for group, v in pairs:
+        unique.setdefault(v.name, v)
+        groups.setdefault(group, []).append(v.name)
+    return [base] + list(unique.values()), groups
 
 
 def ablation_variants(base: Variant, spec: dict[str, Sequence]) -> list[tuple[str, Variant]]:

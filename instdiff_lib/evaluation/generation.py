@@ -40,6 +40,9 @@ SETTINGS: dict[str, dict] = {
 EVAL_NEGATIVE_PROMPT = ("cartoon style, painting style, longbody, lowres, bad anatomy, bad hands, missing fingers, "
                         "extra digit, fewer digits, cropped, worst quality, low quality")  # official eval_local.py
 EVAL_DEFAULTS = {"steps": 50, "guidance": 7.5, "alpha": 1.0, "mis": 0.36}  # README evaluation commands
+# how every evaluation image is stored, as the official eval_local.py does (<file_name>.jpg, PIL's default quality):
+# the notebooks, the generation array and `instdiff eval generate` alike (FID depends on it)
+IMAGE_FORMAT, JPEG_QUALITY = "jpg", 75
 
 
 class ManifestError(RuntimeError):
@@ -105,14 +108,16 @@ def read_manifest(out_dir: str | Path) -> list[dict]:
 
 
 def generate_eval(items: list, out_dir: str | Path, pipe, setting: str, *, shard: tuple[int, int] = (0, 1),
-                  base_seed: int = 0, image_format: str = "jpg", quality: int = 75, steps: int | None = None,
+                  base_seed: int = 0, image_format: str = IMAGE_FORMAT, quality: int = JPEG_QUALITY,
+                  steps: int | None = None,
                   guidance: float | None = None, alpha: float | None = None, mis: float | None = None,
                   negative_prompt: str = EVAL_NEGATIVE_PROMPT, progress: bool = True, drop: str | None = None,
-                  skip_mode: str | None = None) -> GenerationSummary:
+                  skip_mode: str | None = None, max_batch: int | None = None) -> GenerationSummary:
     """Generate this shard's images. ``items`` have ``image_id``, ``file_name`` and ``layout`` (see coco.py).
 
     ``drop`` overrides the setting's modality preset and ``skip_mode`` the model's (``scaleu``/``freeu``/``none``)
-    for ablations; both are part of the folder's configuration (a resumed run must match it)."""
+    for ablations; both are part of the folder's configuration (a resumed run must match it). ``max_batch`` caps the
+    UNet batch (default: the pipeline's, see ``InstanceDiffusionPipeline``); it does not change the images."""
     if setting not in SETTINGS or setting == "real":
         raise ValueError(f"setting must be one of {[s for s in SETTINGS if s != 'real']}, got {setting!r}")
     if image_format not in ("jpg", "png"):
@@ -154,7 +159,7 @@ def generate_eval(items: list, out_dir: str | Path, pipe, setting: str, *, shard
                 continue
             seed = image_seed(base_seed, item.image_id)
             result = pipe(item.layout, seed=seed, num_images=1, negative_prompt=negative_prompt,
-                          drop=drop, truncate_prompt=True, progress=False, **p)
+                          drop=drop, truncate_prompt=True, progress=False, max_batch=max_batch, **p)
             buf = io.BytesIO()
             if image_format == "jpg":
                 result.images[0].save(buf, format="JPEG", quality=quality)

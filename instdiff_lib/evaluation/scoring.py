@@ -26,7 +26,7 @@ from instdiff_lib.datasets.coco import protocol_items
 from instdiff_lib.evaluation.generation import SETTINGS, read_manifest
 
 
-def _files_for(setting: str, items, images_dir, real_image_dir) -> tuple[list[tuple[int, Path]], str]:
+def _files_for(setting: str, items, images_dir, real_image_dir, near: bool = True) -> tuple[list[tuple[int, Path]], str]:
     from instdiff_lib.evaluation.metrics.guards import assert_generated, check_manifest
 
     if setting == "real":
@@ -36,7 +36,7 @@ def _files_for(setting: str, items, images_dir, real_image_dir) -> tuple[list[tu
         missing = [str(p) for _, p in files if not p.exists()]
         if missing:
             raise FileNotFoundError(f"{len(missing)} real images missing, e.g. {missing[:3]}")
-        return real_in_gt_frame(files, {it.image_id: it for it in items}), "real images (control: no generation)"
+        return files, "real images (control: no generation; detected at their own size, mapped to the GT frame)"
     if images_dir is None:
         raise ValueError(f"setting {setting!r} needs the generated images folder")
     rows = read_manifest(images_dir)
@@ -48,37 +48,20 @@ def _files_for(setting: str, items, images_dir, real_image_dir) -> tuple[list[tu
         raise ValueError(f"{images_dir} holds images of setting(s) {sorted(map(str, settings_in_folder))}, not {setting!r}")
     files = [(r["image_id"], Path(images_dir) / r["file"]) for r in rows]
     if real_image_dir is not None:
-        assert_generated([p for _, p in files], real_image_dir)
+        assert_generated([p for _, p in files], real_image_dir, near=near)
         return files, "generated (checked against real images)"
     return files, "generated (NOT checked against real images: pass real_image_dir)"
 
 
-def real_in_gt_frame(files: list[tuple[int, Path]], items_by_id: dict, cache: Path | None = None) -> list[tuple[int, Path]]:
-    """The real photos in the ground truth's pixel frame (COCO: the 512x512 resized annotations).
+def predict_real(yolo, files: list[tuple[int, Path]], items_by_id: dict, **kw):
+    """The real-image control's detections: YOLO on each photo as it is (its own size and aspect ratio, like YOLO's
+    published real-image numbers), then mapped into the ground truth's frame (COCO: the 512x512 resized annotations)
+    exactly as the ground truth was (:func:`~instdiff_lib.evaluation.metrics.detection.results_to_frame`)."""
+    from instdiff_lib.evaluation.metrics.detection import _image_size, results_to_frame, yolo_predict
 
-    Images already in that frame are used as they are; others are resized (bicubic, like a generated image that
-    fills the frame) into a cache folder once, so the control row is scored exactly like generated images.
-    """
-    from PIL import Image
-
-    from instdiff_lib.results import project_root
-
-    cache = cache or project_root() / ".cache" / "real_frames"
-    out = []
-    for image_id, path in files:
-        it = items_by_id[image_id]
-        with Image.open(path) as im:
-            if im.size == (it.width, it.height):
-                out.append((image_id, path))
-                continue
-            target = cache / f"{it.width}x{it.height}" / f"{Path(path).stem}.png"
-            if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(target.name + ".tmp")
-                im.convert("RGB").resize((it.width, it.height), Image.BICUBIC).save(tmp, format="PNG")
-                tmp.replace(target)
-        out.append((image_id, target))
-    return out
+    preds = yolo_predict(yolo, files, **kw)
+    frames = {i: (_image_size(p), (items_by_id[i].height, items_by_id[i].width)) for i, p in files if p.is_file()}
+    return results_to_frame(preds, frames)
 
 
 def attribute_items(items) -> list:
@@ -99,12 +82,17 @@ def score_setting(setting: str, *, instances_json, captions_json=None, images_di
                   yolo="yolov8m-seg.pt", clip=None, fid_real_dir=None, fid_feature=None, device: str = "cpu",
                   batch: int = 16, seed: int = 0, limit: int | None = None, progress: bool = True,
                   phrase_source: str = "official", imgsz: int | None = None, class_map=None,
-                  attribute_vocab=None, fid_size: int = 512) -> dict[str, Any]:
+                  attribute_vocab=None, fid_size: int = 512, fid_weights=None, guard_near: bool = True,
+                  shuffle: int = 0) -> dict[str, Any]:
     """Score one setting; returns {"metrics": {...}, "n_images", "timing_s", "images_per_s", "source"}.
+
+    ``shuffle=k`` (k >= 1) is the shuffled-layout control: after the guards and ``limit``, the i-th scored image
+    is scored against the layout (annotations, points, attributes) of the (i + k)-th, cyclically; same metric code.
 
     The defaults are the COCO protocol. The Shapes world passes ``phrase_source="annotation"`` (see
     :func:`protocol_items`), its detector's ``imgsz`` and ``class_map="index+1"``, its attribute vocabulary, and
-    a custom FID ``fid_feature`` with ``fid_size`` 64."""
+    a custom FID ``fid_feature`` with ``fid_size`` 64, and ``guard_near=False``: a good Shapes generation is meant to
+    look like its real image, where a generated photo never sits within a few grey levels of a real one."""
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {list(SETTINGS)}, got {setting!r}")
     attribute = SETTINGS[setting]["attribute"]
@@ -113,12 +101,18 @@ def score_setting(setting: str, *, instances_json, captions_json=None, images_di
     items = protocol_items(instances_json, captions_json, attribute=attribute, phrase_source=phrase_source)
     by_id = {it.image_id: it for it in items}
     files, source = _files_for(setting, items[:limit] if (setting == "real" and limit) else items, images_dir,
-                               real_image_dir)
+                               real_image_dir, near=guard_near)
     unknown = [i for i, _ in files if i not in by_id]
     if unknown:
         raise ValueError(f"{len(unknown)} scored images are not in {instances_json}, e.g. {unknown[:5]}")
     if limit:
         files = files[:limit]
+    if shuffle:
+        if len(files) < 2 or shuffle % len(files) == 0:
+            raise ValueError(f"shuffle={shuffle} needs at least 2 images and must not be a multiple of their number "
+                             f"({len(files)}): every image must be scored against another image's layout")
+        files = [(files[(k + shuffle) % len(files)][0], path) for k, (_, path) in enumerate(files)]
+        source += f"; each image scored against the layout of the image {shuffle} later (shuffled-layout control)"
     ids = [i for i, _ in files]
     timing["load_and_guards"] = time.perf_counter() - t
     metrics: dict[str, Any] = {}
@@ -130,8 +124,8 @@ def score_setting(setting: str, *, instances_json, captions_json=None, images_di
 
         t = time.perf_counter()
         kw = {"imgsz": imgsz} if imgsz else {}
-        preds = yolo_predict(load_yolo(yolo), files, device=device, batch=batch, progress=progress,
-                             class_map=class_map, **kw)
+        predict = (lambda m, f, **a: predict_real(m, f, by_id, **a)) if setting == "real" else yolo_predict
+        preds = predict(load_yolo(yolo), files, device=device, batch=batch, progress=progress, class_map=class_map, **kw)
         timing["detector"] = time.perf_counter() - t
         t = time.perf_counter()
         if setting in ("box", "mask", "real"):
@@ -167,11 +161,12 @@ def score_setting(setting: str, *, instances_json, captions_json=None, images_di
 
         t = time.perf_counter()
         reals = sorted(p for p in Path(fid_real_dir).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-        metrics["fid"] = _pack(fid([p for _, p in files], reals, device=device, feature=fid_feature, size=fid_size))
+        metrics["fid"] = _pack(fid([p for _, p in files], reals, device=device, feature=fid_feature, size=fid_size,
+                                   weights_path=fid_weights))
         timing["fid"] = time.perf_counter() - t
 
     total = sum(timing.values())
-    return {"setting": setting, "source": source, "n_images": len(files), "metrics": metrics,
+    return {"setting": setting, "source": source, "n_images": len(files), "image_ids": ids, "metrics": metrics,
             "timing_s": {k: round(v, 3) for k, v in timing.items()},
             "images_per_s": round(len(files) / total, 3) if total > 0 else None}
 

@@ -40,6 +40,8 @@ class World:
     fid_size: int = 512
     device: str = "cpu"
     dtype: str = "float32"
+    max_batch: int | None = None  # UNet batch cap of the pipeline (None: chosen from free GPU memory)
+    fid_weights: Path | None = None  # the FID Inception weights file (None: torch.hub's cache)
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -63,7 +65,7 @@ class World:
 
         if "pipe" not in self._cache:
             self._cache["pipe"] = InstanceDiffusionPipeline.from_pretrained(
-                self.model, device=self.device, dtype=getattr(torch, self.dtype))
+                self.model, device=self.device, dtype=getattr(torch, self.dtype), max_batch=self.max_batch)
         return self._cache["pipe"]
 
     def clip(self):
@@ -76,7 +78,8 @@ class World:
                 from instdiff_lib.evaluation.metrics.clip_metrics import load_clip
 
                 self._cache["clip"] = load_clip(self.clip_spec.get("model", "ViT-L-14"),
-                                                self.clip_spec.get("pretrained", "laion2b_s32b_b82k"), device=self.device)
+                                                self.clip_spec.get("pretrained", "laion2b_s32b_b82k"), device=self.device,
+                                                cache_dir=self.clip_spec.get("cache_dir"))
         return self._cache["clip"]
 
     def detector(self):
@@ -101,7 +104,7 @@ class World:
         return ClipImageFeatures(self.clip())
 
     def score(self, setting: str, images_dir: str | os.PathLike | None, *, limit: int | None = None,
-              fid: bool = False, progress: bool = False) -> dict:
+              fid: bool = False, progress: bool = False, shuffle: int = 0) -> dict:
         from instdiff_lib.evaluation.scoring import score_setting
         from instdiff_lib.evaluation.generation import SETTINGS
 
@@ -114,11 +117,11 @@ class World:
             phrase_source=self.phrase_source, imgsz=self.imgsz, class_map=self.class_map,
             attribute_vocab=(self.attribute_vocab or {}).get(attribute) if attribute else None,
             fid_real_dir=self.real_image_dir if fid else None, fid_feature=self.fid_feature() if fid else None,
-            fid_size=self.fid_size)
+            fid_size=self.fid_size, fid_weights=self.fid_weights, guard_near=self.name != "shapes", shuffle=shuffle)
 
 
 def shapes_world(n_val: int = 64, data_root: str | os.PathLike | None = None, seed: int = 0,
-                 model: str | None = None, device: str = "cpu") -> World:
+                 model: str | None = None, device: str = "cpu", max_batch: int | None = None) -> World:
     """The Shapes world: a deterministic val split (written on first use; ``n_val`` images, ``seed``) and the
     committed mini model and evaluators."""
     from instdiff_lib.datasets.shapes import current_split, make_shapes_dataset
@@ -131,12 +134,16 @@ def shapes_world(n_val: int = 64, data_root: str | os.PathLike | None = None, se
                  captions_json=split.captions_json, real_image_dir=split.image_dir,
                  yolo=m / "shapes-yolo" / YOLO_WEIGHTS, clip_spec={"folder": m / "shapes-clip"},
                  negative_prompt="", phrase_source="annotation", imgsz=YOLO_IMGSZ, class_map="index+1",
-                 attribute_vocab=SHAPES_ATTRIBUTE_VOCAB, fid_size=64, device=device)
+                 attribute_vocab=SHAPES_ATTRIBUTE_VOCAB, fid_size=64, device=device, max_batch=max_batch)
 
 
 def coco_world(coco_root: str | os.PathLike, model: str, yolo: str = "yolov8m-seg.pt", device: str = "cuda",
-               dtype: str = "float16", clip_model: str = "ViT-L-14", clip_pretrained: str = "laion2b_s32b_b82k") -> World:
-    """COCO val2017 with the released weights: the paper protocol (spec §4). ``coco_root`` holds
+               dtype: str = "float16", clip_model: str = "ViT-L-14", clip_pretrained: str = "laion2b_s32b_b82k",
+               clip_cache_dir: str | os.PathLike | None = None, fid_weights: str | os.PathLike | None = None,
+               max_batch: int | None = None) -> World:
+    """COCO val2017 with the released weights: the paper protocol (spec §4). ``clip_cache_dir`` is the Hugging Face
+    cache holding the CLIP weights, ``fid_weights`` the Inception file (report/assets.py: their documented places);
+    ``max_batch`` caps the UNet batch. ``coco_root`` holds
     ``annotations/instances_val2017_512.json`` (the protocol's 512x512 frame: ``instdiff data resize-512
     annotations/instances_val2017.json annotations/instances_val2017_512.json``),
     ``annotations/captions_val2017.json`` and ``val2017/`` (``instdiff data coco`` downloads them)."""
@@ -152,8 +159,10 @@ def coco_world(coco_root: str | os.PathLike, model: str, yolo: str = "yolov8m-se
                                 f"{ann / 'instances_val2017.json'} {ann / 'instances_val2017_512.json'}`")
     return World(name="coco", model=model, instances_json=ann / "instances_val2017_512.json",
                  captions_json=ann / "captions_val2017.json", real_image_dir=root / "val2017", yolo=yolo,
-                 clip_spec={"model": clip_model, "pretrained": clip_pretrained}, negative_prompt=EVAL_NEGATIVE_PROMPT,
-                 device=device, dtype=dtype)
+                 clip_spec={"model": clip_model, "pretrained": clip_pretrained,
+                            "cache_dir": str(clip_cache_dir) if clip_cache_dir else None},
+                 negative_prompt=EVAL_NEGATIVE_PROMPT, device=device, dtype=dtype, max_batch=max_batch,
+                 fid_weights=Path(fid_weights) if fid_weights else None)
 
 
 def get_world(profile: str, **kw) -> World:

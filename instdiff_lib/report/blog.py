@@ -90,19 +90,40 @@ def paper_table(kind: str, setting: str, pairs, doc: dict | None) -> str:
     return _table(["metric", "paper", "seed reproduction", "ours", "Δ (ours − paper)", "N images", "profile"], rows)
 
 
-def shapes_table(doc: dict, metrics: list[str], real_keys: dict[str, str] | None = None) -> str:
-    """Mini-scale rows: one per setting/variant, mean ± 95% CI over seeds, plus the real-image upper bound."""
+def shapes_table(doc: dict, metrics: list[str], real_keys: dict[str, str] | None = None,
+                 real_per_row: dict[str, str] | None = None) -> str:
+    """Our rows: one per setting/variant, mean ± 95% CI over seeds; then each setting's shuffled-layout floor (the
+    same images scored against another image's layout), chance (attribute accuracy) and the real-image upper bound:
+    one row (``real_keys``: metric -> its key in the real control) or one per row (``real_per_row``: metric -> key
+    template, e.g. ``"{row}_acc"``)."""
     rows = []
-    for name, row in doc["metrics"]["rows"].items():
+    floors = doc["metrics"].get("shuffled") or {}
+    for name, row in [*doc["metrics"]["rows"].items(),
+                      *((f"{k} · shuffled layout (floor)", v) for k, v in floors.items())]:
         rows.append([name] + [_stat(row["metrics"].get(m), m) for m in metrics]
                     + [str(row["n_images_per_seed"]), str(len(row["seeds"])), doc["profile"]])
+    for name, value in (doc["metrics"].get("chance") or {}).items():
+        rows.append([f"{name} · chance"] + [_fmt(value, m) if m == "attr_acc" else "–" for m in metrics]
+                    + ["–", "–", doc["profile"]])
     real = doc["metrics"].get("real")
-    if real:
+    if real and real_per_row:
+        for name in doc["metrics"]["rows"]:
+            rows.append([f"{name} · real images (upper bound)"]
+                        + [_fmt(real["metrics"].get(real_per_row[m].format(row=name)), m) if m in real_per_row
+                           else "–" for m in metrics] + [str(real["n_images"]), "–", doc["profile"]])
+    elif real:
         vals = real["metrics"]
         keys = real_keys or {}
         rows.append(["real images (upper bound)"] + [_fmt(vals.get(keys.get(m, m)), m) for m in metrics]
                     + [str(real["n_images"]), "–", doc["profile"]])
     return _table(["row"] + metrics + ["N images / seed", "seeds", "profile"], rows)
+
+
+def _not_paper(doc: dict) -> str:
+    """The heading of a results file that is not a paper-scale result (smoke: the Shapes world; rehearsal)."""
+    if doc["profile"] == "smoke":
+        return "Shapes (mini scale), smoke profile — not comparable with the paper"
+    return "Rehearsal: synthetic assets and random weights (instdiff rehearse) — plumbing only, not results"
 
 
 def _figure(path: str, alt: str) -> str:
@@ -112,7 +133,9 @@ def _figure(path: str, alt: str) -> str:
 def _provenance_line(doc: dict) -> str:
     prov = doc["provenance"]
     dirty = " (dirty tree)" if prov.get("git_dirty") else ""
-    return (f"*Source: `results/{doc.get('notebook', '?')}.json`, profile **{doc['profile']}**, "
+    name = doc.get("notebook", "?")
+    return (f"*Steps: [`notebooks/{name}.ipynb`, executed](outputs/report/{doc['profile']}/{name}.html) (written by "
+            f"the report run). Source: `results/{name}.json`, profile **{doc['profile']}**, "
             f"{doc['n_evaluated']} images evaluated, {doc.get('n_skipped', 0)} skipped, git {str(prov.get('git_sha'))[:10]}"
             f"{dirty}, {prov.get('device')}, wall time {doc.get('wall_time_s')} s.*")
 
@@ -180,15 +203,19 @@ def render_blog(out: str | os.PathLike | None = None, folder: Path | None = None
     for kind, setting, pairs in COCO_TABLES:
         parts += [f"**{kind}**", "", paper_table(kind, setting, pairs, loc), ""]
         n_tables += 1
-    if loc and loc["profile"] == "smoke":
-        parts += ["### Shapes (mini scale), smoke profile — not comparable with the paper", "",
-                  f"{loc['metrics']['world']}, model {loc['metrics'].get('model')}. Mean ± 95% CI (Student t) over "
+    if loc:
+        parts += [f"### {_not_paper(loc)}" if loc["profile"] != "full" else
+                  "### Our rows with their floor and ceiling (COCO, full profile)", "",
+                  f"{loc['metrics'].get('world', '')}, model {loc['metrics'].get('model')}. Mean ± 95% CI (Student t) over "
                   "seeds; percentages. FID column: " + loc["metrics"].get("fid_note", "") + ".", "",
                   shapes_table(loc, ["box_AP", "box_AP50", "box_AR", "mask_AP50", "mask_IoU", "PiM", "FID"],
                                {"PiM": "PiM_point"}), "",
-                  "The real-image row scores the real val images with the same detector (point PiM shown).", "",
+                  "The shuffled-layout rows score the same generated images against another image's layout, through "
+                  "the same metric code: the value a model gets for images unrelated to their layouts. The real-image "
+                  "row scores the real val images with the same detector (point PiM shown).", "",
                   _figure(f"figures/10_location_formats__metrics.png", "metrics"), "",
-                  _figure(f"figures/10_location_formats__samples.png", "samples"), "", _provenance_line(loc), ""]
+                  _figure(f"figures/10_location_formats__samples.png", "samples"), "",
+                  _figure(f"figures/10_location_formats__detections.png", "detections"), "", _provenance_line(loc), ""]
         n_tables += 1
 
     attr = docs.get("11_attribute_binding")
@@ -196,22 +223,24 @@ def render_blog(out: str | os.PathLike | None = None, folder: Path | None = None
     for kind, setting, pairs in ATTR_TABLES:
         parts += [f"**{kind}**", "", paper_table(kind, setting, pairs, attr), ""]
         n_tables += 1
-    if attr and attr["profile"] == "smoke":
+    if attr:
         chance = attr["metrics"].get("chance", {})
-        parts += ["### Shapes (mini scale), smoke profile", "",
-                  "Chance level: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in chance.items()) + ".", "",
-                  shapes_table(attr, ["attr_acc", "clip_local"]), "",
-                  "Real images (upper bound): " + ", ".join(
-                      f"{k} {_fmt(v, k)}" for k, v in attr["metrics"]["real"]["metrics"].items()
-                      if k.endswith("_acc") or k.endswith("clip_local")) + ".", "",
-                  _figure("figures/11_attribute_binding__metrics.png", "metrics"), "", _provenance_line(attr), ""]
+        parts += [f"### {_not_paper(attr)}" if attr["profile"] != "full" else
+                  "### Our rows with their floor, chance and ceiling (COCO, full profile)", "",
+                  "Chance level: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in chance.items()) + ". The "
+                  "shuffled-layout rows judge the same generated images at another image's boxes, against that "
+                  "image's attributes, through the same metric code.", "",
+                  shapes_table(attr, ["attr_acc", "clip_local"],
+                               real_per_row={"attr_acc": "{row}_acc", "clip_local": "{row}_clip_local"}), "",
+                  _figure("figures/11_attribute_binding__metrics.png", "metrics"), "",
+                  _figure("figures/11_attribute_binding__crops.png", "crops"), "", _provenance_line(attr), ""]
         n_tables += 1
 
     abl = docs.get("20_ablations")
     parts += ["## Ablations", ""]
     if abl:
         m = abl["metrics"]
-        label = "Shapes (mini scale), smoke profile" if abl["profile"] == "smoke" else "COCO, full profile"
+        label = "COCO, full profile" if abl["profile"] == "full" else _not_paper(abl)
         parts += [f"### {label}", "", "Each row changes one field of the base configuration "
                   f"`{json.dumps({k: v for k, v in m['base'].items() if k != 'name'})}`; alpha = 0 switches the "
                   "fusers off for every step (the plain backbone); mean ± 95% CI over seeds.", "",

@@ -35,6 +35,7 @@ class NotebookRun:
         self.profile = "smoke" if params["SMOKE"] else "full"
         self.t0 = time.perf_counter()
         self.figures: list[str] = []
+        self.steps: dict[str, Any] = {}  # what a notebook's steps produced for its results file (setup, demos)
 
     @property
     def smoke(self) -> bool:

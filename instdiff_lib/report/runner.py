@@ -2,7 +2,8 @@
 
     instdiff report notebook 10_location_formats --profile smoke      # one notebook, params from jobs/params
     instdiff report all --profile smoke                                # every notebook in order, then the blog
-    instdiff report generate --profile full --shard 3/16               # the generation array (SLURM) of 10 and 11
+    instdiff report generate --profile full --shard 3/16               # the generation array (SLURM) of 10, 11, 20
+    instdiff report preflight --profile full                           # every asset checked first (report/assets.py)
 
 Parameters come from ``jobs/params/<profile>/<notebook>.yaml`` (the same files the SLURM jobs use), overriding
 the literals of the notebook's ``parameters`` cell. Executed notebooks go to
@@ -18,72 +19,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from instdiff_lib.report.params import (GENERATION_NOTEBOOKS, NOTEBOOKS, STANDALONE_NOTEBOOKS,  # noqa: F401 (re-exports)
+                                        effective_params, load_params, notebook_parameters, notebook_path, params_path)
 from instdiff_lib.results import PROFILES, project_root
-
-NOTEBOOKS = ("00_setup_check", "01_demos", "10_location_formats", "11_attribute_binding", "20_ablations",
-             "30_extension", "99_blogpost")
-GENERATION_NOTEBOOKS = ("10_location_formats", "11_attribute_binding")
-# notebooks outside the report chain (never run by ``report all`` or SLURM): run one by name, e.g. the playground's
-# headless example (``instdiff report notebook 02_playground``)
-STANDALONE_NOTEBOOKS = ("02_playground",)
 
 
 class NotebookFailed(RuntimeError):
     """A notebook raised; the executed copy (with the traceback) is kept."""
-
-
-def notebook_path(name: str) -> Path:
-    if name not in NOTEBOOKS + STANDALONE_NOTEBOOKS:
-        raise ValueError(f"unknown notebook {name!r}; the report's notebooks are {list(NOTEBOOKS)} "
-                         f"(and outside the chain {list(STANDALONE_NOTEBOOKS)})")
-    return project_root() / "notebooks" / f"{name}.ipynb"
-
-
-def params_path(name: str, profile: str) -> Path:
-    return project_root() / "jobs" / "params" / profile / f"{name}.yaml"
-
-
-def load_params(name: str, profile: str, params_file: str | os.PathLike | None = None,
-                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The papermill parameters of a notebook run: the params file (default: the profile's) plus overrides.
-
-    Every key must be a parameter of the notebook (a typo would otherwise be silently ignored by papermill)."""
-    if profile not in PROFILES:
-        raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
-    path = Path(params_file) if params_file else params_path(name, profile)
-    if not path.exists():
-        raise FileNotFoundError(f"params file {path} not found")
-    params = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(params, dict):
-        raise ValueError(f"{path}: expected a mapping of parameter names to values")
-    params.update(overrides or {})
-    declared = notebook_parameters(notebook_path(name))
-    unknown = sorted(set(params) - set(declared))
-    if unknown:
-        raise ValueError(f"{path}: {unknown} are not parameters of {name}.ipynb (it has {sorted(declared)})")
-    if params.get("SMOKE", declared.get("SMOKE")) != (profile == "smoke"):
-        raise ValueError(f"{path}: SMOKE={params.get('SMOKE')!r} contradicts profile {profile!r}")
-    return params
-
-
-def notebook_parameters(path: Path) -> dict[str, Any]:
-    """The literals of a notebook's ``parameters`` cell (parsed with ``ast``, never executed)."""
-    import ast
-
-    import nbformat
-
-    nb = nbformat.read(path, as_version=4)
-    cells = [c for c in nb.cells if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])]
-    if len(cells) != 1:
-        raise ValueError(f"{path}: expected exactly one cell tagged 'parameters', found {len(cells)}")
-    out = {}
-    for node in ast.parse(cells[0].source).body:
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
-            raise ValueError(f"{path}: the parameters cell may only hold NAME = literal lines")
-        out[node.targets[0].id] = ast.literal_eval(node.value)
-    return out
 
 
 def run_notebook(name: str, profile: str = "smoke", params_file: str | os.PathLike | None = None,
@@ -125,35 +67,52 @@ def to_html(executed: Path) -> Path:
 
 
 def run_all(profile: str = "smoke", only: list[str] | None = None, html: bool = True) -> list[Path]:
-    """Every notebook in report order (or ``only`` those); stops at the first failure."""
+    """Every notebook in report order (or ``only`` those); stops at the first failure. The full profile checks
+    every asset first (:func:`~instdiff_lib.report.assets.preflight`), so a missing one fails now, not hours in."""
+    from instdiff_lib.report.assets import preflight
+
     names = [n for n in NOTEBOOKS if not only or n in only]
+    preflight(profile, notebooks=names)
     return [run_notebook(n, profile, html=html) for n in names]
 
 
-def effective_params(name: str, profile: str, params_file: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The values a notebook run will see: its parameters cell's literals, overridden by the params file."""
-    return {**notebook_parameters(notebook_path(name)), **load_params(name, profile, params_file)}
+def generation_runs(run) -> list:
+    """The (variant, seed) runs whose images a generation notebook scores: its settings (10, 11), or the base
+    configuration and every ablation variant (20), each image folder once (a variant that only renames the base,
+    e.g. its own value in an ablation group, shares the base's images). The generation array uses this list."""
+    from instdiff_lib.report.sections import ablation_plan, variants
+
+    runs = ablation_plan(run).variants if run.name == "20_ablations" else variants(run)
+    unique = {v.key(): v for v in reversed(runs)}  # the first variant of each folder (the base before its renames)
+    return [(v, seed) for v in runs if unique[v.key()] is v for seed in run.params["SEEDS"]]
 
 
-def generate_shard(profile: str, shard: tuple[int, int], progress: bool = True) -> dict[str, int]:
-    """Generate shard ``shard`` of the images of the generation notebooks (10 and 11) into the very folders the
-    notebooks read (they then find them done and only score). For SLURM array jobs; resumable."""
+def generate_shard(profile: str, shard: tuple[int, int], progress: bool = True,
+                   params_dir: str | os.PathLike | None = None) -> dict[str, int]:
+    """Generate shard ``shard`` of the images of the generation notebooks (10, 11 and the ablations of 20) into the
+    very folders the notebooks read (they then find them done and only score). For SLURM array jobs; resumable."""
     from instdiff_lib.evaluation.experiments import generate_variant
     from instdiff_lib.report.context import NotebookRun
-    from instdiff_lib.report.sections import _base_variant, _out_root, world_of
+    from instdiff_lib.report.sections import out_root, world_of
 
     counts = {"generated": 0, "reused": 0}
+    world = None
     for name in GENERATION_NOTEBOOKS:
-        run = NotebookRun(name, effective_params(name, profile))
-        world = world_of(run)
-        p = run.params
-        for setting in p["SETTINGS"]:
-            for seed in p["SEEDS"]:
-                s = generate_variant(world, _base_variant(run, setting), seed, _out_root(run), p["N_IMAGES"],
-                                     shard=shard, progress=progress)
-                counts["generated"] += s.n_generated
-                counts["reused"] += s.n_skipped_existing
+        params = effective_params(name, profile, params_path(name, profile, params_dir))
+        run = NotebookRun(name, params)
+        w = world_of(run)
+        world = world if world is not None and _same_world(world, w) else w  # one model load for all three
+        for variant, seed in generation_runs(run):
+            s = generate_variant(world, variant, seed, out_root(run), run.params["N_IMAGES"], shard=shard,
+                                 progress=progress)
+            counts["generated"] += s.n_generated
+            counts["reused"] += s.n_skipped_existing
     return counts
+
+
+def _same_world(a, b) -> bool:
+    keys = ("name", "model", "instances_json", "device", "dtype", "max_batch")
+    return all(getattr(a, k, None) == getattr(b, k, None) for k in keys)
 
 
 def add_report_parser(sub) -> None:
@@ -167,7 +126,9 @@ def add_report_parser(sub) -> None:
     nb.add_argument("--profile", choices=PROFILES, default="smoke")
     nb.add_argument("--params", default=None, help="params YAML (default: the profile's)")
     nb.add_argument("--no-html", action="store_true")
-    nb.set_defaults(func=lambda a: _ok(run_notebook(a.name, a.profile, a.params, html=not a.no_html)))
+    nb.add_argument("--out-dir", default=None, help="executed copies (default outputs/report/PROFILE)")
+    nb.set_defaults(func=lambda a: _ok(run_notebook(a.name, a.profile, a.params, html=not a.no_html,
+                                                    out_dir=a.out_dir)))
     al = rs.add_parser("all", help="every notebook in order, then the blog (the report's main job)")
     al.add_argument("--profile", choices=PROFILES, default="smoke")
     al.add_argument("--only", nargs="+", choices=NOTEBOOKS, default=None)
@@ -176,7 +137,21 @@ def add_report_parser(sub) -> None:
     g = rs.add_parser("generate", help="generate one shard of the evaluation images of notebooks 10 and 11")
     g.add_argument("--profile", choices=PROFILES, default="smoke")
     g.add_argument("--shard", type=parse_shard, default=(0, 1), help="I/N, 0-based (SLURM_ARRAY_TASK_ID/N)")
-    g.set_defaults(func=lambda a: _ok(print(generate_shard(a.profile, a.shard))))
+    g.add_argument("--params-dir", default=None, help="params files of the notebooks (default jobs/params/PROFILE)")
+    g.set_defaults(func=lambda a: _ok(print(generate_shard(a.profile, a.shard, params_dir=a.params_dir))))
+    pf = rs.add_parser("preflight", help="check every asset of the profile; list all missing ones with their fetch "
+                       "commands (exit 2)")
+    pf.add_argument("--profile", choices=PROFILES, default="full")
+    pf.add_argument("--params-dir", default=None, help="params files of the notebooks (default jobs/params/PROFILE)")
+    pf.add_argument("--only", nargs="+", choices=NOTEBOOKS, default=None, help="only the assets of these notebooks")
+
+    def _preflight(a):
+        from instdiff_lib.report.assets import preflight
+
+        preflight(a.profile, a.params_dir, a.only)
+        return 0
+
+    pf.set_defaults(func=_preflight)
     b = rs.add_parser("blog", help="render blogpost.md from results/*.json")
     b.add_argument("--out", default=None)
 

@@ -1,13 +1,16 @@
-"""What each report notebook does, as library calls (the notebooks hold only parameters and these calls).
+"""The notebooks' steps that are about the report rather than the protocol: the world and the configurations a
+notebook's parameters describe, the setup check's pieces, the demos, the extension's pieces, and writing each
+notebook's ``results/<notebook>.json``.
 
-Every driver takes the :class:`NotebookRun` of its notebook, reads its parameters from ``run.params``, saves
-figures through ``run.figure`` and writes ``results/<notebook>.json`` through ``run.write``; it returns a small
-dict for display in the notebook.
+The protocol steps (generate, detect, score, controls, aggregate) are in :mod:`instdiff_lib.evaluation.experiments`,
+the tables the notebooks show in :mod:`.tables`, the figures in :mod:`.figures`. Steps whose output only goes to
+the results file record it in ``run.steps``; the ``write_*`` step of each notebook writes it.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,97 +18,92 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from instdiff_lib.evaluation.experiments import (Variant, ablation_variants, aggregate, by_instance_count, real_control, run_grid)
+from instdiff_lib.evaluation.experiments import RunRecord, Variant, ablation_grid, ablation_variants
 from instdiff_lib.layouts.layout import Instance, Layout
-from instdiff_lib.results import device_description, package_versions, project_root
-from instdiff_lib.viz import draw_layout, image_grid
 from instdiff_lib.report.context import NotebookRun
+from instdiff_lib.report.figures import load_png, panel
+from instdiff_lib.report.tables import mapping_table
+from instdiff_lib.results import device_description, package_versions, project_root
+from instdiff_lib.viz import image_grid
 
 
-# ---- shared ------------------------------------------------------------------------------------------
+# ---- from a notebook's parameters ------------------------------------------------------------------------------
 def world_of(run: NotebookRun):
     """The evaluation world of the run's profile from its parameters (smoke: Shapes; full: COCO)."""
     from instdiff_lib.evaluation.world import coco_world, shapes_world
 
+    from instdiff_lib.report.assets import hf_cache, inception_path
+
     p = run.params
     model = p.get("MODEL") or None
+    max_batch = p.get("MAX_BATCH") or None
     if run.smoke:
-        return shapes_world(n_val=p.get("N_VAL", 200), model=model, device=p.get("DEVICE", "cpu"))
+        return shapes_world(n_val=p.get("N_VAL", 200), model=model, device=p.get("DEVICE", "cpu"), max_batch=max_batch)
     if not model:
         raise ValueError("the full profile needs MODEL (a converted checkpoint folder, see README)")
-    return coco_world(run.path(p["COCO_ROOT"]), model=str(run.path(model)), yolo=p.get("YOLO", "yolov8m-seg.pt"),
-                      device=p.get("DEVICE", "cuda"), dtype=p.get("DTYPE", "float16"))
+    return coco_world(run.path(p["COCO_ROOT"]), model=str(run.path(model)),
+                      yolo=str(run.path(p.get("YOLO", "yolov8m-seg.pt"))), device=p.get("DEVICE", "cuda"),
+                      dtype=p.get("DTYPE", "float16"), clip_cache_dir=hf_cache(), fid_weights=inception_path(),
+                      max_batch=max_batch)
 
 
-def _out_root(run: NotebookRun) -> Path:
+def out_root(run: NotebookRun) -> Path:
+    """Where the run's generated images go (``OUT_DIR``, default ``outputs/eval/<profile>``)."""
     return run.path(run.params.get("OUT_DIR") or f"outputs/eval/{run.profile}")
 
 
-def _base_variant(run: NotebookRun, setting: str, name: str | None = None) -> Variant:
+def base_variant(run: NotebookRun, setting: str, name: str | None = None) -> Variant:
     p = run.params
     return Variant(name=name or setting, setting=setting, steps=p["STEPS"], guidance=p["GUIDANCE"], alpha=p["ALPHA"],
                    mis=p["MIS"])
 
 
-def _panel(layout: Layout, image: Image.Image, size: int) -> Image.Image:
-    """[layout on white | generated image | layout over the image], each ``size`` px."""
-    img = image.convert("RGB").resize((size, size), Image.NEAREST if image.width < size else Image.BICUBIC)
-    return image_grid([draw_layout(layout, None, size), img, draw_layout(layout, img, size)], ncols=3)
+def variants(run: NotebookRun) -> list[Variant]:
+    """One configuration per evaluation setting of ``SETTINGS``, with the notebook's sampler parameters."""
+    return [base_variant(run, s) for s in run.params["SETTINGS"]]
 
 
-def sample_grid(run: NotebookRun, world, records, name: str, per_setting: int = 4, size: int = 192) -> Path:
-    """The first images of each setting (first seed) with their layouts drawn over them."""
-    from instdiff_lib.evaluation.generation import SETTINGS
+def chance(world, settings) -> dict[str, float]:
+    """Attribute accuracy of a uniform guess: 1 / the vocabulary size, per attribute setting."""
+    from instdiff_lib.evaluation.experiments import attribute_vocab
 
-    cells, seen = [], set()
-    for r in records:
-        if (r.variant.name in seen) or r.seed != records[0].seed:
-            continue
-        seen.add(r.variant.name)
-        items = world.items(SETTINGS[r.variant.setting]["attribute"], limit=per_setting)
-        for it in items:
-            path = Path(r.folder) / f"{Path(it.file_name).stem}.png"
-            if path.exists():
-                with Image.open(path) as im:
-                    img = im.convert("RGB").resize((size, size), Image.NEAREST)
-                cells.append(draw_layout(it.layout, img, size))
-    return run.figure(image_grid(cells, ncols=per_setting), name)
+    return {s: 1.0 / len(attribute_vocab(world, s)) for s in settings}
 
 
-def _bar_plot(rows: dict[str, dict], metrics: list[str], title: str, real: dict | None = None):
-    """Seaborn bars (mean over seeds) with 95% CI error bars, one panel per metric."""
-    import matplotlib
+@dataclass
+class AblationPlan:
+    """The base configuration and, per ablated field, the variants that change only that field."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
+    base: Variant
+    pairs: list[tuple[str, Variant]]
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    variants: list[Variant] = field(default_factory=list)  # base first, then each distinct name once
 
-    sns.set_theme(style="whitegrid", context="talk")
-    present = [m for m in metrics if any(m in r["metrics"] for r in rows.values())]
-    fig, axes = plt.subplots(1, max(1, len(present)), figsize=(4.2 * max(1, len(present)), 4.2), squeeze=False)
-    for ax, m in zip(axes[0], present):
-        names = [n for n, r in rows.items() if m in r["metrics"]]
-        means = [rows[n]["metrics"][m]["mean"] for n in names]
-        cis = [rows[n]["metrics"][m]["ci95"] for n in names]
-        sns.barplot(x=names, y=means, ax=ax, color=sns.color_palette()[0])
-        ax.errorbar(range(len(names)), means, yerr=[0 if np.isnan(c) else c for c in cis], fmt="none",
-                    ecolor="black", capsize=5)
-        if real and m in real:
-            ax.axhline(real[m], color="crimson", ls="--", lw=1.5, label="real images")
-            ax.legend(fontsize=10)
-        ax.set_title(m)
-        ax.tick_params(axis="x", rotation=30, labelsize=11)
-    fig.suptitle(title, fontsize=14)
-    fig.tight_layout()
-    return fig
+
+def ablation_plan(run: NotebookRun) -> AblationPlan:
+    p = run.params
+    base = base_variant(run, p["BASE_SETTING"], name="base")
+    runs, groups = ablation_grid(base, p["ABLATE"])  # the generation array generates the same runs
+    return AblationPlan(base, ablation_variants(base, p["ABLATE"]), groups, runs)
 
 
 def _n(rows: dict[str, dict]) -> int:
     return int(sum(r["n_evaluated"] for r in rows.values()))
 
 
-# ---- 00 setup check ----------------------------------------------------------------------------------------
-def weights_inventory(run: NotebookRun) -> dict[str, Any]:
+# ---- 00 setup check ----------------------------------------------------------------------------------------------
+def environment(run: NotebookRun):
+    """Package versions, the device and the torch threads (recorded for the results file)."""
+    import torch
+
+    env = {"versions": package_versions(), "device": device_description(), "torch_threads": torch.get_num_threads(),
+           "cuda_available": torch.cuda.is_available()}
+    run.steps.update(env)
+    return mapping_table({**env["versions"], "device": env["device"], "torch threads": env["torch_threads"],
+                          "CUDA available": env["cuda_available"]})
+
+
+def weights_inventory(run: NotebookRun):
     """Which weights were found, with their sha256 (from the manifests written when they were made)."""
     from instdiff_lib.weights.embedded import models_dir
 
@@ -121,25 +119,22 @@ def weights_inventory(run: NotebookRun) -> dict[str, Any]:
                     if "sha256" in doc:
                         entry[doc.get("weights", meta)] = doc["sha256"]
             found[folder.name] = entry or "no manifest"
-    else:
-        model = run.path(run.params["MODEL"])
-        man = model / "manifest.json"
-        found["model"] = json.loads(man.read_text()).get("files") if man.exists() else f"missing: {model}"
-        yolo = run.path(run.params.get("YOLO", "yolov8m-seg.pt"))
-        if yolo.exists():
-            from instdiff_lib.fileio import sha256_file
+    else:  # every asset of the profile (report/assets.py), after the preflight has checked them all
+        from instdiff_lib.report.assets import full_assets, preflight, profile_params
 
-            found["yolo"] = {yolo.name: sha256_file(yolo)}
-        else:
-            found["yolo"] = f"missing: {yolo}"
-    return found
+        preflight(run.profile)  # every asset of the chain; all missing ones listed at once, with their fetch commands
+        for a in full_assets(profile_params(run.profile)):
+            found[a.key] = {"path": str(a.path), "problem": a.problem(), "synthetic": bool(a.synthetic())}
+        man = run.path(run.params["MODEL"]) / "manifest.json"
+        if man.exists() and "model" in found:
+            found["model"]["files"] = json.loads(man.read_text()).get("files")
+    run.steps["weights"] = found
+    rows = {f"{k} / {f}": sha for k, v in found.items() for f, sha in (v.items() if isinstance(v, dict) else [("", v)])}
+    return mapping_table(rows, "sha256")
 
 
-def setup_check(run: NotebookRun) -> dict[str, Any]:
-    import torch
-
-    world = world_of(run)
-    weights = weights_inventory(run)
+def first_image(run: NotebookRun, world):
+    """One image from the first protocol layout (smoke) or the kitchen demo layout (full), all modalities fed."""
     pipe = world.pipeline()
     if run.smoke:
         layout = world.items(None, limit=1)[0].layout
@@ -148,37 +143,61 @@ def setup_check(run: NotebookRun) -> dict[str, Any]:
     p = run.params
     out = pipe(layout, seed=p["SEED"], steps=p["STEPS"], guidance=p["GUIDANCE"], alpha=p["ALPHA"], mis=p["MIS"],
                negative_prompt=world.negative_prompt, drop="all", progress=False)
-    run.figure(_panel(layout, out.images[0], 256), "first_image")
-    info = {"parity": parity_summary() if p.get("PARITY", True) else None, "versions": package_versions(), "device": device_description(), "torch_threads": torch.get_num_threads(),
-            "cuda_available": torch.cuda.is_available(), "world": world.label, "model": pipe.c.label,
-            "weights": weights, "image_seconds": out.info["seconds"], "unet_calls": out.info["unet_calls"]}
-    if world.name == "shapes":  # does the mini model use its layout at all? (detector-free; see bench --quality)
-        from instdiff_lib.training.diffusion import model_grounding_gap
-
-        info["grounding_gap"] = model_grounding_gap(pipe.c)
-    run.write({"image_seconds": out.info["seconds"], "images_per_s": 1.0 / out.info["seconds"]}, n_evaluated=1,
-              extra={"setup": info})
-    return info
+    run.steps.update(world=world.label, model=pipe.c.label, image_seconds=out.info["seconds"],
+                     unet_calls=out.info["unet_calls"])
+    return load_png(run.figure(panel(layout, out.images[0], 256), "first_image"))
 
 
-def parity_summary() -> dict[str, Any] | str:
+def parity_check(run: NotebookRun):
     """The parity checks against the official fixture, grouped (objs / eps / block / plms / mis)."""
     from instdiff_lib.parity import FixtureError, run_parity
 
+    if not run.params.get("PARITY", True):
+        run.steps["parity"] = None
+        return "parity checks skipped (PARITY = False)"
     try:
         checks = run_parity()
     except FixtureError as e:
-        return f"parity fixture not available: {e}"
+        run.steps["parity"] = f"parity fixture not available: {e}"
+        return run.steps["parity"]
     groups: dict[str, dict] = {}
     for c in checks:
         g = groups.setdefault(c.name.split(".")[0], {"n": 0, "passed": 0, "max_err": 0.0})
         g["n"] += 1
         g["passed"] += int(c.ok)
         g["max_err"] = max(g["max_err"], float(c.max_abs))
-    return groups
+    run.steps["parity"] = groups
+    import pandas as pd
+
+    return pd.DataFrame.from_dict(groups, orient="index")
 
 
-# ---- 01 demos ---------------------------------------------------------------------------------------------
+def grounding_gap(run: NotebookRun, world):
+    """Shapes only: the diffusion loss with the true, another image's, and no layout (detector-free)."""
+    if world.name != "shapes":
+        return "the grounding gap is measured for the Shapes model only"
+    from instdiff_lib.training.diffusion import model_grounding_gap
+
+    run.steps["grounding_gap"] = model_grounding_gap(world.pipeline().c)
+    return mapping_table(run.steps["grounding_gap"])
+
+
+def write_setup(run: NotebookRun) -> dict[str, Any]:
+    """``results/00_setup_check.json`` from the steps above."""
+    s = run.steps
+    info = {"parity": s.get("parity"), "versions": s["versions"], "device": s["device"],
+            "torch_threads": s["torch_threads"], "cuda_available": s["cuda_available"], "world": s["world"],
+            "model": s["model"], "weights": s["weights"], "image_seconds": s["image_seconds"],
+            "unet_calls": s["unet_calls"]}
+    if "grounding_gap" in s:
+        info["grounding_gap"] = s["grounding_gap"]
+    path = run.write({"image_seconds": s["image_seconds"], "images_per_s": 1.0 / s["image_seconds"]}, n_evaluated=1,
+                     extra={"setup": info})
+    return {"results": str(path.relative_to(project_root()) if path.is_relative_to(project_root()) else path),
+            "figures": run.figures}
+
+
+# ---- 01 demos ------------------------------------------------------------------------------------------------------
 def _single_format(inst: Instance, fmt: str, rng: np.random.Generator) -> Instance:
     from instdiff_lib.layouts.derive import box_from_mask, scribble_from_mask
 
@@ -195,162 +214,100 @@ def _single_format(inst: Instance, fmt: str, rng: np.random.Generator) -> Instan
     return Instance(inst.caption, mask=inst.mask, category=inst.category)
 
 
-def demos(run: NotebookRun) -> dict[str, Any]:
-    """Every demo section of the scenes file: its layouts generated from the same seed (hence the same noise)."""
+def demo_scenes(run: NotebookRun):
+    """The demo sections of the scenes file (``SCENES``): name, title, kind, drop preset and layout files."""
+    import pandas as pd
+
+    sections = yaml.safe_load(run.path(run.params["SCENES"]).read_text())
+    return pd.DataFrame([{"name": s["name"], "title": s["title"], "kind": s.get("kind", "single"),
+                          "drop": s.get("drop", "all"), "files": ", ".join(s["files"])} for s in sections]).set_index("name")
+
+
+def demo(run: NotebookRun, world, name: str) -> Image.Image:
+    """One demo section: its layouts generated from the same seed (hence the same noise), as [layout | image |
+    layout over image] panels, one row per layout; saved as ``figures/01_demos__<name>.png``."""
     p = run.params
     scenes_file = run.path(p["SCENES"])
-    sections = yaml.safe_load(scenes_file.read_text())
-    world = world_of(run)
+    sections = {s["name"]: s for s in yaml.safe_load(scenes_file.read_text())}
+    if name not in sections:
+        raise KeyError(f"{scenes_file} has no demo section {name!r}; it has {sorted(sections)}")
+    sec = sections[name]
     pipe = world.pipeline()
-    size = p.get("PANEL_SIZE", 256)
-    shown: dict[str, Any] = {}
-    n_images = 0
-    for sec in sections:
-        layouts = [Layout.from_json(scenes_file.parent / f) for f in sec["files"]]
-        if sec.get("kind") == "four_formats":
-            rng = np.random.default_rng(p["SEED"])
-            base = layouts[0]
-            layouts = [Layout(caption=base.caption, width=base.width, height=base.height,
-                              instances=[_single_format(i, fmt, rng) for i in base.instances]).validate()
-                       for fmt in ("box", "point", "scribble", "mask")]
-        panels, secs = [], []
-        for layout in layouts:
-            out = pipe(layout, seed=p["SEED"], steps=p["STEPS"], guidance=p["GUIDANCE"], alpha=p["ALPHA"],
-                       mis=p["MIS"], negative_prompt=world.negative_prompt, drop=sec.get("drop", "all"), progress=False)
-            panels.append(_panel(layout, out.images[0], size))
-            secs.append(out.info["seconds"])
-            n_images += 1
-        run.figure(image_grid(panels, ncols=1), sec["name"])
-        shown[sec["name"]] = {"title": sec["title"], "note": sec.get("note", ""), "files": sec["files"],
-                              "kind": sec.get("kind", "single"), "seconds": round(float(np.sum(secs)), 2),
-                              "figure": f"figures/{run.name}__{sec['name']}.png"}
+    layouts = [Layout.from_json(scenes_file.parent / f) for f in sec["files"]]
+    if sec.get("kind") == "four_formats":
+        rng = np.random.default_rng(p["SEED"])
+        base = layouts[0]
+        layouts = [Layout(caption=base.caption, width=base.width, height=base.height,
+                          instances=[_single_format(i, fmt, rng) for i in base.instances]).validate()
+                   for fmt in ("box", "point", "scribble", "mask")]
+    panels, secs = [], []
+    for layout in layouts:
+        out = pipe(layout, seed=p["SEED"], steps=p["STEPS"], guidance=p["GUIDANCE"], alpha=p["ALPHA"],
+                   mis=p["MIS"], negative_prompt=world.negative_prompt, drop=sec.get("drop", "all"), progress=False)
+        panels.append(panel(layout, out.images[0], p.get("PANEL_SIZE", 256)))
+        secs.append(out.info["seconds"])
+    path = run.figure(image_grid(panels, ncols=1), name)
+    run.steps.setdefault("sections", {})[name] = {
+        "title": sec["title"], "note": sec.get("note", ""), "files": sec["files"], "kind": sec.get("kind", "single"),
+        "seconds": round(float(np.sum(secs)), 2), "figure": f"figures/{run.name}__{name}.png", "n_images": len(layouts)}
+    return load_png(path)
+
+
+def write_demos(run: NotebookRun, world):
+    """``results/01_demos.json``: the sections shown above (a section of the scenes file no cell showed is named)."""
+    import pandas as pd
+
+    shown = {k: {f: v for f, v in sec.items() if f != "n_images"} for k, sec in run.steps.get("sections", {}).items()}
+    n_images = sum(sec["n_images"] for sec in run.steps.get("sections", {}).values())
+    in_file = [s["name"] for s in yaml.safe_load(run.path(run.params["SCENES"]).read_text())]
+    not_shown = [n for n in in_file if n not in shown]
+    if not_shown:
+        print(f"sections of {run.params['SCENES']} not shown by this notebook: {not_shown}")
     run.write({"sections": shown, "images_per_s": n_images / max(1e-9, sum(s["seconds"] for s in shown.values()))},
-              n_evaluated=n_images, extra={"world": world.label, "model": pipe.c.label})
-    return shown
+              n_evaluated=n_images, extra={"world": world.label, "model": world.pipeline().c.label})
+    return pd.DataFrame.from_dict({k: {"title": v["title"], "seconds": v["seconds"], "figure": v["figure"]}
+                                   for k, v in shown.items()}, orient="index")
 
 
-# ---- 10 location formats ------------------------------------------------------------------------------------
-def location_formats(run: NotebookRun) -> dict[str, Any]:
-    p = run.params
-    world = world_of(run)
-    variants = [_base_variant(run, s) for s in p["SETTINGS"]]
-    records = run_grid(world, variants, p["SEEDS"], _out_root(run), p["N_IMAGES"], fid=p.get("FID", False))
-    rows = aggregate(records)
-    real = real_control(world, p["N_IMAGES"], settings=("box", "point", "scribble"))
-    sample_grid(run, world, records, "samples")
-    fig = _bar_plot(rows, ["box_AP50", "mask_AP50", "mask_IoU", "PiM"], f"{world.label}: location formats "
-                    f"(mean and 95% CI over {len(p['SEEDS'])} seeds)", real["metrics"])
-    run.figure(fig, "metrics")
-    metrics = {"world": world.label, "rows": rows, "real": real, "model": world.pipeline().c.label,
-               "fid_note": _fid_note(world)}
-    run.write(metrics, n_evaluated=_n(rows), extra={"world": world.label})
-    return metrics
-
-
-def _fid_note(world) -> str:
+# ---- 10 / 11 / 20: results files -----------------------------------------------------------------------------------
+def fid_note(world) -> str:
     if world.name == "shapes":
         return ("Shapes: Fréchet distance in the Shapes CLIP's image features (64-d), generated vs real val images; "
                 "not comparable to Inception FID")
     return "FID: Inception-v3 pool3 (torch-fidelity weights), generated vs real val2017 resized to 512"
 
 
-# ---- 11 attribute binding -----------------------------------------------------------------------------------
-def attribute_binding(run: NotebookRun) -> dict[str, Any]:
-    p = run.params
-    world = world_of(run)
-    variants = [_base_variant(run, s) for s in p["SETTINGS"]]
-    records = run_grid(world, variants, p["SEEDS"], _out_root(run), p["N_IMAGES"])
-    rows = aggregate(records)
-    real = real_control(world, p["N_IMAGES"], settings=tuple(p["SETTINGS"]))
-    sample_grid(run, world, records, "samples")
-    real_flat = {}
-    for s in p["SETTINGS"]:
-        if f"{s}_acc" in real["metrics"]:
-            real_flat[f"attr_acc_{s}"] = real["metrics"][f"{s}_acc"]
-    fig = _bar_plot(rows, ["attr_acc", "clip_local"], f"{world.label}: attribute binding "
-                    f"(mean and 95% CI over {len(p['SEEDS'])} seeds)")
-    run.figure(fig, "metrics")
-    chance = {s: 1.0 / len((world.attribute_vocab or {}).get(s, [None] * 8)) for s in p["SETTINGS"]}
-    metrics = {"world": world.label, "rows": rows, "real": real, "chance": chance, "model": world.pipeline().c.label}
-    run.write(metrics, n_evaluated=_n(rows), extra={"world": world.label})
-    return metrics
+def write_location_formats(run: NotebookRun, world, rows: dict, real: dict, floor: dict) -> Path:
+    """``results/10_location_formats.json``: the rows (mean, sd, 95% CI over seeds), the real-image ceiling and the
+    shuffled-layout floor of every setting."""
+    metrics = {"world": world.label, "rows": rows, "real": real, "shuffled": floor, "model": world.pipeline().c.label,
+               "fid_note": fid_note(world)}
+    return run.write(metrics, n_evaluated=_n(rows), extra={"world": world.label})
 
 
-# ---- 20 ablations --------------------------------------------------------------------------------------------
-def ablations(run: NotebookRun) -> dict[str, Any]:
-    p = run.params
-    world = world_of(run)
-    base = _base_variant(run, p["BASE_SETTING"], name="base")
-    pairs = ablation_variants(base, p["ABLATE"])
-    unique: dict[str, Variant] = {}
-    for _, v in pairs:
-        unique.setdefault(v.name, v)
-    records = run_grid(world, [base] + list(unique.values()), p["SEEDS"], _out_root(run), p["N_IMAGES"])
-    rows = aggregate(records)
-    groups: dict[str, list[str]] = {}
-    for g, v in pairs:
-        groups.setdefault(g, []).append(v.name)
-    counts = by_instance_count([r for r in records if r.variant.name == "base"], world)
-    base_rows = rows["base"]["metrics"]
+def write_attribute_binding(run: NotebookRun, world, rows: dict, real: dict, floor: dict,
+                            chance_levels: dict[str, float]) -> Path:
+    """``results/11_attribute_binding.json``: rows, the real-image ceiling, the shuffled-layout floor and chance."""
+    metrics = {"world": world.label, "rows": rows, "real": real, "shuffled": floor, "chance": chance_levels,
+               "model": world.pipeline().c.label}
+    return run.write(metrics, n_evaluated=_n(rows), extra={"world": world.label})
+
+
+def write_ablations(run: NotebookRun, world, plan: AblationPlan, records: list[RunRecord], rows: dict,
+                    counts: dict) -> Path:
+    """``results/20_ablations.json``: rows, the ablation groups, the base row by instance count and its seed
+    variance. ``n_evaluated`` counts each (configuration, seed) once (rows that name the base share its images)."""
     seed_variance = {m: {"values": s["values"], "mean": s["mean"], "sd": s["sd"], "ci95": s["ci95"]}
-                     for m, s in base_rows.items()}
-    fig = _ablation_plot(rows, groups, p.get("PLOT_METRICS", ["box_AP50", "mask_IoU"]), world.label)
-    run.figure(fig, "groups")
-    fig2 = _count_plot(counts, world.label)
-    run.figure(fig2, "instance_count")
-    metrics = {"world": world.label, "rows": rows, "groups": groups, "by_instance_count": counts,
+                     for m, s in rows["base"]["metrics"].items()}
+    metrics = {"world": world.label, "rows": rows, "groups": plan.groups, "by_instance_count": counts,
                "seed_variance": seed_variance, "base": rows["base"]["variant"], "model": world.pipeline().c.label}
-    # images scored once per (variant, seed) run; rows that name the base configuration share its images
     scored = {(r.variant.key(), r.seed): r.n_evaluated for r in records}
-    run.write(metrics, n_evaluated=int(sum(scored.values())), extra={"world": world.label})
-    return metrics
+    return run.write(metrics, n_evaluated=int(sum(scored.values())), extra={"world": world.label})
 
 
-def _ablation_plot(rows, groups, metrics, label):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    sns.set_theme(style="whitegrid", context="notebook")
-    fig, axes = plt.subplots(len(metrics), len(groups), figsize=(3.4 * len(groups), 3.0 * len(metrics)),
-                             squeeze=False)
-    for j, (g, names) in enumerate(groups.items()):
-        for i, m in enumerate(metrics):
-            ax = axes[i][j]
-            xs = [n.split("=", 1)[1] for n in names]
-            means = [rows[n]["metrics"].get(m, {}).get("mean", np.nan) for n in names]
-            cis = [rows[n]["metrics"].get(m, {}).get("ci95", np.nan) for n in names]
-            ax.errorbar(range(len(xs)), means, yerr=[0 if np.isnan(c) else c for c in cis], fmt="o-", capsize=4)
-            ax.set_xticks(range(len(xs)), xs)
-            ax.set_title(f"{g}" if i == 0 else "")
-            ax.set_ylabel(m if j == 0 else "")
-    fig.suptitle(f"{label}: ablations (mean and 95% CI over seeds)")
-    fig.tight_layout()
-    return fig
-
-
-def _count_plot(counts, label):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    names = list(counts)
-    means = [counts[n]["mean"] for n in names]
-    cis = [0 if np.isnan(counts[n]["ci95"]) else counts[n]["ci95"] for n in names]
-    ax.bar(names, means, yerr=cis, capsize=5, color="#4c72b0")
-    ax.set_xlabel("instances in the layout")
-    ax.set_ylabel("per-image mask IoU")
-    ax.set_title(f"{label}: by number of instances")
-    fig.tight_layout()
-    return fig
-
-
-# ---- 30 extension ---------------------------------------------------------------------------------------------
-def _planner(run: NotebookRun):
+# ---- 30 extension --------------------------------------------------------------------------------------------------
+def planner(run: NotebookRun):
+    """The layout planner of ``PLANNER``: an OpenAI-compatible LLM, or the offline template planner (labelled)."""
     p = run.params
     if p["PLANNER"] == "offline":
         if run.smoke:
@@ -367,7 +324,8 @@ def _planner(run: NotebookRun):
                       height=size, n_instances=tuple(p["N_INSTANCES"]), seed=p["SEED"])
 
 
-def _placement_detector(run: NotebookRun, world):
+def placement_detector(run: NotebookRun, world):
+    """The grounding detector of the placement check (smoke: the Shapes YOLO behind the same interface)."""
     p = run.params
     if run.smoke and p.get("DETECTOR", "shapes-yolo") == "shapes-yolo":
         from instdiff_lib.extension.shapes import ShapesYoloDetector
@@ -375,79 +333,94 @@ def _placement_detector(run: NotebookRun, world):
         return ShapesYoloDetector(world.detector())
     from instdiff_lib.extension.placement import load_detector
 
-    return load_detector(p.get("DETECTOR", "grounding-dino"), p.get("DETECTOR_MODEL") or None, device=world.device)
+    from instdiff_lib.report.assets import hf_cache
+
+    folder = p.get("DETECTOR_MODEL") or None  # a local folder (anchored at the project root) or a hub id
+    if folder and run.path(folder).is_dir():
+        folder = str(run.path(folder))
+    return load_detector(p.get("DETECTOR", "grounding-dino"), folder, device=world.device, cache_dir=str(hf_cache()))
 
 
-def extension(run: NotebookRun) -> dict[str, Any]:
-    """Plan layouts from prompts, generate them, and check where the instances ended up (placement evaluation of planned layouts)."""
-    from instdiff_lib.extension.placement import evaluate_placement
+def extension_dir(run: NotebookRun) -> Path:
+    return out_root(run) / "extension"
+
+
+@dataclass
+class Planned:
+    """The planned scenes: layout files, the prompt of each, and (after generation) the image of each."""
+
+    files: list[Path]
+    prompts: list[str]
+    report: dict
+    images: list[Path] = field(default_factory=list)
+
+
+def plan_layouts(run: NotebookRun, planner_) -> Planned:
+    """Plan ``PROMPTS`` (or ``N_SCENES`` prompts) into layout JSON files (kept: a rerun reuses them)."""
     from instdiff_lib.extension.planner import plan_many
-    from instdiff_lib.extension.rating import export_rating_sheet, ingest_ratings
 
     p = run.params
-    world = world_of(run)
-    out = _out_root(run) / "extension"
-    planner = _planner(run)
-    prompts = p.get("PROMPTS") or p["N_SCENES"]
-    plan = plan_many(prompts, planner, out / "layouts", seed=p["SEED"])
+    out = extension_dir(run)
+    plan = plan_many(p.get("PROMPTS") or p["N_SCENES"], planner_, out / "layouts", seed=p["SEED"])
     files = sorted((out / "layouts").glob("layout_*.json"))
+    prompts = [json.loads(f.read_text()).get("prompt") or Layout.from_json(f).caption for f in files]
+    report = {k: plan[k] for k in ("planner", "n_requested", "n_written", "n_failed", "totals")}
+    return Planned(files, prompts, report)
+
+
+def generate_planned(run: NotebookRun, world, planned: Planned) -> Image.Image:
+    """One image per planned layout (boxes fed; seed SEED + index; an existing image is kept), shown as panels."""
+    p = run.params
     pipe = world.pipeline()
-    images, planned, prompts_used = [], [], []
-    for k, f in enumerate(files):
+    panels = []
+    planned.images = []
+    for k, f in enumerate(planned.files):
         layout = Layout.from_json(f)
-        target = out / "images" / f"{f.stem}.png"
+        target = extension_dir(run) / "images" / f"{f.stem}.png"
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             res = pipe(layout, seed=p["SEED"] + k, steps=p["STEPS"], guidance=p["GUIDANCE"], alpha=p["ALPHA"],
                        mis=p["MIS"], negative_prompt=world.negative_prompt, drop="box", progress=False)
             res.images[0].save(target)
-        images.append(target)
-        planned.append(f)
-        prompts_used.append(json.loads(f.read_text()).get("prompt") or layout.caption)
-    detector = _placement_detector(run, world)
-    result = evaluate_placement(images, planned, detector, fed=planned, prompts=prompts_used, clip=world.clip(),
-                                image_ids=[f.stem for f in files])
-    _placement_figure(run, images, result.details["instances"], [f.stem for f in files], p.get("FIGURE_IMAGES", 6))
-    sheet = export_rating_sheet(images, prompts_used, out / "rating", shuffle_seed=p["SEED"])
-    ratings = None
-    if p.get("RATINGS_CSV"):
-        ratings = ingest_ratings(run.path(p["RATINGS_CSV"]), sheet["manifest"])
+        planned.images.append(target)
+        with Image.open(target) as im:
+            panels.append(panel(layout, im, 192))
+    return image_grid(panels, ncols=1)
+
+
+def check_placement(run: NotebookRun, world, planned: Planned, detector):
+    """Where each planned instance ended up: the detector's box for its label vs the planned (and fed) box."""
+    from instdiff_lib.extension.placement import evaluate_placement
+
+    return evaluate_placement(planned.images, planned.files, detector, fed=planned.files, prompts=planned.prompts,
+                              clip=world.clip(), image_ids=[f.stem for f in planned.files])
+
+
+def rating_sheet(run: NotebookRun, planned: Planned) -> dict:
+    """The blind rating sheet (HTML + CSV) of the generated images, and the ratings of ``RATINGS_CSV`` if given."""
+    from instdiff_lib.extension.rating import export_rating_sheet, ingest_ratings
+
+    p = run.params
+    sheet = export_rating_sheet(planned.images, planned.prompts, extension_dir(run) / "rating", shuffle_seed=p["SEED"])
+    ratings = ingest_ratings(run.path(p["RATINGS_CSV"]), sheet["manifest"]) if p.get("RATINGS_CSV") else None
+    return {"rating_sheet": {k: str(v) for k, v in sheet.items()}, "ratings": ratings}
+
+
+def write_extension(run: NotebookRun, world, planner_, detector, planned: Planned, result, sheet: dict) -> Path:
+    """``results/30_extension.json``: the placement numbers, the plan report, the rating sheet."""
     v = result.values
-    metrics = {"world": world.label, "planner": getattr(planner, "label", "?"), "planner_settings": planner.settings(),
+    metrics = {"world": world.label, "planner": getattr(planner_, "label", "?"), "planner_settings": planner_.settings(),
                "detector": detector.settings(), "mean_iou": v.get("mean_iou"), "mean_iou_found": v.get("mean_iou_found"),
                "recall_at_0.5": v.get("recall_at_50"), "found_rate": v.get("found_rate"),
                "mean_iou_fed": v.get("mean_iou_fed"), "recall_at_0.5_fed": v.get("recall_at_50_fed"),
                "clip_global": v.get("clip_score"), "n_instances": v.get("n_instances"),
-               "plan_report": {k: plan[k] for k in ("planner", "n_requested", "n_written", "n_failed", "totals")},
-               "notes": result.details["notes"], "rating_sheet": {k: str(v) for k, v in sheet.items()},
-               "ratings": ratings, "model": pipe.c.label}
-    run.write(metrics, n_evaluated=result.n_evaluated, n_skipped=result.n_skipped,
-              extra={"world": world.label, "instances": result.details["instances"]})
-    return metrics
+               "plan_report": planned.report, "notes": result.details["notes"], **sheet,
+               "model": world.pipeline().c.label}
+    return run.write(metrics, n_evaluated=result.n_evaluated, n_skipped=result.n_skipped,
+                     extra={"world": world.label, "instances": result.details["instances"]})
 
 
-def _placement_figure(run, images, records, ids, n: int) -> None:
-    from PIL import ImageDraw
-
-    cells = []
-    for path, image_id in list(zip(images, ids))[:n]:
-        with Image.open(path) as im:
-            img = im.convert("RGB")
-        scale = 256 / img.width
-        img = img.resize((256, 256), Image.NEAREST)
-        d = ImageDraw.Draw(img)
-        for r in (r for r in records if r["image"] == image_id):
-            d.rectangle([v * scale for v in r["planned_box"]], outline=(0, 170, 0), width=2)
-            if r["detected_box"] is not None:
-                d.rectangle([v * scale for v in r["detected_box"]], outline=(220, 0, 0), width=2)
-            d.text((r["planned_box"][0] * scale + 2, r["planned_box"][1] * scale + 1), f"{r['iou']:.2f}",
-                   fill=(0, 120, 0))
-        cells.append(img)
-    if cells:
-        run.figure(image_grid(cells, ncols=min(3, len(cells))), "placement")
-
-
-# ---- 99 blogpost ---------------------------------------------------------------------------------------------
+# ---- 99 blogpost ---------------------------------------------------------------------------------------------------
 def blogpost(run: NotebookRun) -> dict[str, Any]:
     from instdiff_lib.report.blog import render_blog
 

@@ -66,11 +66,13 @@ def generate_from_layout(layout_path: str | Path, out_dir: str | Path, model: st
                          num_images: int = 1, device: str = "cpu", dtype: torch.dtype = torch.float32,
                          drop: str = "mask", negative_prompt: str | None = None, truncate: bool = False,
                          refine: float = 0.0, overwrite: bool = False, verify: bool = True, method: str = "plms",
-                         pipe=None, skip_mode: str | None = None, progress: bool = True) -> list[Path]:
+                         pipe=None, skip_mode: str | None = None, progress: bool = True,
+                         max_batch: int | None = None) -> list[Path]:
     """Generate ``num_images`` images of one layout file into ``out_dir`` (see the module docstring).
 
     ``skip_mode`` ("scaleu", "freeu", "none") overrides the model's decoder-skip mode for this run (None: the
-    model's own). ``pipe`` reuses a loaded pipeline (its ``model`` must be the one named)."""
+    model's own). ``pipe`` reuses a loaded pipeline (its ``model`` must be the one named). ``max_batch`` caps the
+    UNet batch (None: the pipeline's, or chosen from free GPU memory)."""
     from instdiff_lib.sampling.pipeline import DEFAULT_NEGATIVE_PROMPT, InstanceDiffusionPipeline
     from instdiff_lib.weights.embedded import default_model, recommended_negative_prompt
 
@@ -103,7 +105,8 @@ def generate_from_layout(layout_path: str | Path, out_dir: str | Path, model: st
     pipe = pipe or InstanceDiffusionPipeline.from_pretrained(model, device=device, dtype=dtype, verify=verify)
     with skip_mode_set(pipe.c.unet, skip_mode):
         result = pipe(layout, seed=seed, steps=steps, guidance=guidance, alpha=alpha, mis=mis, num_images=num_images,
-                      negative_prompt=params["negative_prompt"], drop=drop, method=method, progress=progress)
+                      negative_prompt=params["negative_prompt"], drop=drop, method=method, progress=progress,
+                      max_batch=max_batch)
     images = result.images
     if refine > 0:
         images = refine_images(images, layout.caption, refine, device)

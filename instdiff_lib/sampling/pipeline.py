@@ -46,8 +46,20 @@ def resolve_drop(drop: str | DropFlags | None) -> DropFlags:
     return drop if isinstance(drop, DropFlags) else DropFlags.preset(drop)
 
 
+def max_batch_for(free_bytes: int, per_sample_bytes: int, n: int, headroom: float = 0.8) -> int | None:
+    """How many UNet samples fit in ``headroom`` of ``free_bytes`` at ``per_sample_bytes`` each: None when all ``n``
+    fit (one call), else the chunk size (at least 1)."""
+    fit = int(headroom * free_bytes // max(per_sample_bytes, 1))
+    return None if fit >= n else max(1, fit)
+
+
 class InstanceDiffusionPipeline:
-    def __init__(self, components: Components, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """``max_batch`` caps the UNet batch (both guidance halves of every MIS branch run as one batch: up to 62 samples
+    for 30 instances). None: on CUDA it is chosen from the free GPU memory, measured once per pipeline with a
+    2-sample UNet call (:meth:`resolve_max_batch`); on the CPU the whole batch runs at once."""
+
+    def __init__(self, components: Components, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 max_batch: int | None = None):
         cfg = components.cfg
         if cfg.text.hidden_size != cfg.unet.context_dim or cfg.text.hidden_size != cfg.unifusion.in_dim:
             raise ValueError(f"config {cfg.name!r}: the text tower width ({cfg.text.hidden_size}) must equal the UNet "
@@ -59,13 +71,48 @@ class InstanceDiffusionPipeline:
         self.c.unet.to(self.device, dtype)
         self.c.unet.position_net.float()  # tokens are computed once per run, in fp32 (Fourier features)
         self.c.text.to(self.device, torch.float32)  # fp32: runs once per prompt
-        self.c.vae.to(self.device)  # fp32 decode avoids fp16 VAE overflow
+        # the VAE runs in fp32 whatever the UNet dtype and whatever it was stored in (a converted fp16 folder loads
+        # it in fp16): decode() feeds it fp32 latents, and an fp16 VAE overflows at 512 px
+        self.c.vae.to(self.device, torch.float32)
         self.sampler = Sampler(self.c.unet)
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1 (or None: chosen from free GPU memory), got {max_batch}")
+        self.max_batch = max_batch
+        self._per_sample_bytes: int | None = None
 
     @classmethod
     def from_pretrained(cls, spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
-                        verify: bool = True) -> "InstanceDiffusionPipeline":
-        return cls(load_any(spec, seed=seed, verify=verify), device=device, dtype=dtype)
+                        verify: bool = True, max_batch: int | None = None) -> "InstanceDiffusionPipeline":
+        return cls(load_any(spec, seed=seed, verify=verify), device=device, dtype=dtype, max_batch=max_batch)
+
+    # ---- the UNet batch --------------------------------------------------------------------------
+    def resolve_max_batch(self, n: int, max_batch: int | None = None) -> int | None:
+        """The chunk size for a UNet batch of ``n`` samples: the argument, else the pipeline's ``max_batch``, else (CUDA)
+        what fits in the free memory, else None (one call)."""
+        mb = max_batch if max_batch is not None else self.max_batch
+        if mb is not None or n <= 2 or self.device.type != "cuda":
+            return mb
+        free, per = self._cuda_memory()
+        return max_batch_for(free, per, n)
+
+    def _cuda_memory(self) -> tuple[int, int]:
+        """(free bytes now, peak bytes per UNet sample): the latter measured once, from a 2-sample call."""
+        if self._per_sample_bytes is None:
+            unet, s = self.c.unet, self.cfg.unet.sample_size
+            torch.cuda.synchronize(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            x = torch.zeros(2, self.cfg.unet.in_channels, s, s, device=self.device, dtype=self.dtype)
+            ctx = torch.zeros(2, self.cfg.text.max_position_embeddings, self.cfg.unet.context_dim, device=self.device,
+                              dtype=self.dtype)
+            with torch.no_grad():
+                null = unet.position_net.null_grounding(2, device=self.device, seg_size=1)
+                objs = unet.tokenize(null, resolve_drop(None)).to(self.dtype)
+                unet(x, torch.full((2,), 500, device=self.device), ctx, objs, 1)
+            torch.cuda.synchronize(self.device)
+            self._per_sample_bytes = max(1, (torch.cuda.max_memory_allocated(self.device) - base) // 2)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return int(free), int(self._per_sample_bytes)
 
     @property
     def cfg(self):
@@ -117,6 +164,8 @@ class InstanceDiffusionPipeline:
         branches, uc = self.prepare(layout, seed, num_images, negative_prompt, mis, truncate_prompt)
         x_T = self.noise(seed, num_images) if x_T is None else x_T.to(self.device, self.dtype)
         stats = SamplerStats()
+        n_batch = 2 * num_images * (len(branches) if int(steps * mis) > 0 else 1)  # the largest UNet batch of the run
+        max_batch = self.resolve_max_batch(n_batch, max_batch) if batched else max_batch
         latents = self.sampler.sample(x_T, branches, uc, steps=steps, guidance=guidance, alpha=alpha, mis=mis,
                                       method=method, drop=drop_flags, batched=batched, max_batch=max_batch,
                                       progress=progress, stats=stats)
@@ -124,7 +173,8 @@ class InstanceDiffusionPipeline:
         info = {"model": self.c.label, "config": self.cfg.name, "seed": seed, "steps": steps, "guidance": guidance,
                 "alpha": alpha, "mis": mis, "num_images": num_images, "negative_prompt": negative_prompt,
                 "drop": dict(zip(("boxes", "points", "scribbles", "masks"), drop_flags.as_tuple())),
-                "method": method, "n_instances": len(layout.instances), "unet_calls": stats.unet_calls,
+                "method": method, "n_instances": len(layout.instances), "max_batch": max_batch,
+                "unet_calls": stats.unet_calls,
                 "unet_batches": stats.unet_batches, "device": str(self.device), "dtype": str(self.dtype),
                 "seconds": round(time.perf_counter() - t0, 3)}
         return PipelineOutput(images, latents, info)

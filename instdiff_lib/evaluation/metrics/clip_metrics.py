@@ -340,7 +340,8 @@ def attribute_binding(items: Sequence[AttributeItem], images: Mapping[Any, Any],
     ``n_evaluated`` / ``n_skipped`` count instances (crops), not images; ``skipped`` holds
     ``((image_id, instance_index), reason)``.
     ``details``: ``n_images`` (images averaged), ``n_images_without_instances``, ``acc_by_attribute`` (pooled over
-    crops), the vocabulary, and with ``per_image=True`` the per-image means.
+    crops), the vocabulary, and with ``per_image=True`` the per-image means and ``per_crop`` (asked vs
+    predicted attribute of every scored crop).
     """
     clip = as_clip(clip)
     vocab = list(attribute_vocab)
@@ -356,8 +357,9 @@ def attribute_binding(items: Sequence[AttributeItem], images: Mapping[Any, Any],
     phrase_feats = _encode_texts(clip, phrases, batch_size)  # (P, D)
 
     scores: list[list[tuple[float, int, int]]] = [[] for _ in items]  # per image: (cosine, correct, attribute)
+    crops: list[dict] = []  # per scored crop (per_image=True): which attribute was asked, which one CLIP saw
     skipped: list[tuple] = []
-    pending: list[tuple[int, int, int, torch.Tensor]] = []  # (item index, phrase row, attribute index, pixels)
+    pending: list[tuple[int, int, int, torch.Tensor, int]] = []  # (item, phrase row, attribute, pixels, instance)
     n_without = 0
 
     def flush():
@@ -367,8 +369,11 @@ def attribute_binding(items: Sequence[AttributeItem], images: Mapping[Any, Any],
         rows = torch.tensor([p[1] for p in pending])
         cos = (feats * phrase_feats[rows]).sum(-1)  # (B,) CLIP_local
         pred = (feats @ prompt_feats.T).argmax(-1)  # (B,) zero-shot attribute
-        for (i, _, a, _), c, p in zip(pending, cos.tolist(), pred.tolist()):
+        for (i, _, a, _, k), c, p in zip(pending, cos.tolist(), pred.tolist()):
             scores[i].append((c, int(p == a), a))
+            if per_image:
+                crops.append({"image_id": items[i].image_id, "instance": k, "attribute": vocab[a],
+                              "predicted": vocab[p], "clip_local": c})
         pending.clear()
 
     for i, item in enumerate(items):
@@ -397,7 +402,7 @@ def attribute_binding(items: Sequence[AttributeItem], images: Mapping[Any, Any],
             except Exception as e:  # noqa: BLE001 - the official loop skips any crop that raises
                 skipped.append(((item.image_id, k), f"crop failed: {type(e).__name__}: {e}"))
                 continue
-            pending.append((i, phrase_row[item.phrases[k]], index[attr], pixels))
+            pending.append((i, phrase_row[item.phrases[k]], index[attr], pixels, k))
             if len(pending) >= batch_size:
                 flush()
     flush()
@@ -423,6 +428,7 @@ def attribute_binding(items: Sequence[AttributeItem], images: Mapping[Any, Any],
     }
     if per_image:
         details["per_image"] = [{"image_id": m[0], "clip_local": m[1], "acc": m[2], "n": m[3]} for m in image_means]
+        details["per_crop"] = crops
     n_eval = sum(len(s) for s in scores)
     return MetricResult(values=values, n_evaluated=n_eval, n_skipped=len(skipped), skipped=skipped, details=details)
 

@@ -70,6 +70,7 @@ __all__ = [
     "yolo_predict",
     "rect_batches",
     "letterbox_to_coco",
+    "results_to_frame",
     "rle_encode",
     "coco_ap",
     "mask_iou",
@@ -302,6 +303,37 @@ def letterbox_to_coco(image_id, boxes_xyxy, scores, classes, masks, ratio_pad, o
             row["segmentation"] = rles[k]
         rows.append(row)
     return rows
+
+
+def results_to_frame(preds: "YoloPredictions", frames: Mapping[Any, tuple[tuple[int, int], tuple[int, int]]]
+                     ) -> "YoloPredictions":
+    """Detections made on the original photos, mapped into another pixel frame the way ``resize_instances`` maps the
+    ground truth: ``frames[image_id] = ((h0, w0), (h, w))``; boxes scaled by (w / w0, h / h0), masks resized with the
+    nearest pixel centre. Axis-aligned scaling keeps box IoUs exactly, so AP in the new frame is the detector's AP on
+    the photos (the real-image control: YOLO sees each photo at its own aspect ratio, as in its published numbers)."""
+    import torch
+
+    by_img: dict[Any, list[dict]] = {}
+    for r in preds:
+        by_img.setdefault(r["image_id"], []).append(dict(r))
+    out = []
+    for image_id, rows in by_img.items():
+        (h0, w0), (h, w) = frames[image_id]
+        sx, sy = w / w0, h / h0
+        for r in rows:
+            x, y, bw, bh = r["bbox"]
+            r["bbox"] = [round(x * sx, 3), round(y * sy, 3), round(bw * sx, 3), round(bh * sy, 3)]
+        segs = [r["segmentation"] for r in rows if "segmentation" in r]
+        if segs:
+            masks = mask_utils.decode([{"size": s["size"], "counts": s["counts"].encode("ascii")} for s in segs])
+            ri = np.minimum(((np.arange(h) + 0.5) * h0 / h).astype(np.int64), h0 - 1)
+            ci = np.minimum(((np.arange(w) + 0.5) * w0 / w).astype(np.int64), w0 - 1)
+            resized = torch.from_numpy(np.ascontiguousarray(masks[ri][:, ci].transpose(2, 0, 1)))
+            for r, rle in zip((r for r in rows if "segmentation" in r), rle_encode(resized)):
+                r["segmentation"] = rle
+        out.extend(rows)
+    return YoloPredictions(out, image_ids=preds.image_ids, skipped=preds.skipped,
+                           settings={**preds.settings, "frame": "mapped from each photo to the ground-truth frame"})
 
 
 def _image_size(path: Path) -> tuple[int, int]:

@@ -196,10 +196,9 @@ def real_image_copies(generated: Sequence[str | os.PathLike], real: Sequence[str
     for sizes where a real image differs from the generated one, ``resized=False`` turns it off), and with
     ``near=True`` ``near`` (mean absolute RGB difference of 32x32 box-filtered thumbnails <= ``near_tol`` grey
     levels: catches resized and re-compressed copies; a genuinely generated image is tens of levels away).
-    ``real`` is a list of paths or a directory (searched recursively for image files).
+    ``real`` is a list of paths or a directory (searched recursively for image files). What is needed of each real
+    image is computed once and kept (:class:`_RealIndex`): later calls decode no real image they have seen.
     """
-    from PIL import Image
-
     gens = [Path(p) for p in generated]
     reals = _expand(real)
     if not gens or not reals:
@@ -218,26 +217,26 @@ def real_image_copies(generated: Sequence[str | os.PathLike], real: Sequence[str
 
     found: dict[Path, CopyMatch] = {}
     real_thumbs, real_paths = [], []
+    index = _RealIndex.open(reals)
     for r in reals:
-        bk, pk, size, thumb, rgb = _describe(r, near, keep_image=resized)
-        for g in by_bytes.get(bk, []):
+        d = index.get(r, gen_sizes if resized else (), resamples)
+        for g in by_bytes.get(d["bytes"], []):
             found.setdefault(g, CopyMatch(g, r, "bytes"))
-        if pk is None:
+        if d["pixels"] is None:
             continue
-        for g in by_pixels.get(pk, []):
+        for g in by_pixels.get(d["pixels"], []):
             found.setdefault(g, CopyMatch(g, r, "pixels"))
         if resized:
             for gs in gen_sizes:
-                if gs == size:
+                if gs == d["size"]:
                     continue
                 for name in resamples:
-                    mode = getattr(Image.Resampling, name.upper())
-                    key = _pixel_key(np.asarray(rgb.resize(gs, mode)))
-                    for g in by_pixels.get(key, []):
+                    for g in by_pixels.get(d["resized"][f"{gs[0]}x{gs[1]}:{name}"], []):
                         found.setdefault(g, CopyMatch(g, r, f"resized:{name}"))
         if near:
-            real_thumbs.append(thumb)
+            real_thumbs.append(d["thumb"])
             real_paths.append(r)
+    index.save()
 
     if near and real_thumbs:
         todo = [g for g in gens if g not in found and gen_info[g][3] is not None]
@@ -249,6 +248,67 @@ def real_image_copies(generated: Sequence[str | os.PathLike], real: Sequence[str
                 if d[j] <= near_tol:
                     found[g] = CopyMatch(g, real_paths[j], "near")
     return [found[g] for g in gens if g in found]
+
+
+class _RealIndex:
+    """What the guard needs of each real image (byte and pixel hashes, size, thumbnail, hashes of its resized copies),
+    computed once and kept in ``.cache/real_index/`` (one file per real folder, entries keyed by path, size and
+    mtime): a scoring call then decodes no real image that an earlier call has seen (5,000 for COCO)."""
+
+    _memory: dict[str, dict] = {}
+
+    def __init__(self, path: Path | None, entries: dict):
+        self.path, self.entries, self.dirty = path, entries, False
+
+    @classmethod
+    def open(cls, reals: Sequence[Path]) -> "_RealIndex":
+        if not reals:
+            return cls(None, {})
+        from instdiff_lib.results import project_root
+
+        folder = os.path.commonpath([str(Path(r).resolve().parent) for r in reals])
+        path = project_root() / ".cache" / "real_index" / f"{hashlib.sha256(folder.encode()).hexdigest()[:16]}.pkl"
+        if str(path) not in cls._memory:
+            entries = {}
+            if path.is_file():
+                import pickle
+
+                try:
+                    entries = pickle.loads(path.read_bytes())
+                except Exception:  # noqa: BLE001 -- a broken cache is rebuilt
+                    entries = {}
+            cls._memory[str(path)] = entries
+        return cls(path, cls._memory[str(path)])
+
+    def get(self, real: Path, gen_sizes, resamples: Sequence[str]) -> dict:
+        """The entry of one real image, with the hashes of its copies resized to every size in ``gen_sizes``."""
+        from PIL import Image
+
+        st = real.stat()
+        key = f"{real.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        d = self.entries.get(key)
+        wanted = [(gs, name, f"{gs[0]}x{gs[1]}:{name}") for gs in gen_sizes for name in resamples]
+        if d is not None and d["pixels"] is not None and all(gs == d["size"] or k in d["resized"] for gs, _, k in wanted):
+            return d
+        bk, pk, size, thumb, rgb = _describe(real, True, keep_image=True)
+        d = {"bytes": bk, "pixels": pk, "size": size, "thumb": thumb, "resized": dict(d["resized"]) if d else {}}
+        for gs, name, k in wanted:
+            if rgb is not None and gs != size and k not in d["resized"]:
+                d["resized"][k] = _pixel_key(np.asarray(rgb.resize(gs, getattr(Image.Resampling, name.upper()))))
+        self.entries[key] = d
+        self.dirty = True
+        return d
+
+    def save(self) -> None:
+        if self.path is None or not self.dirty:
+            return
+        import pickle
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(pickle.dumps(self.entries))
+        os.replace(tmp, self.path)
+        self.dirty = False
 
 
 def assert_generated(generated, real, **kwargs) -> int:

@@ -1,4 +1,5 @@
-"""A scripted OpenAI-compatible chat-completions server on loopback, for the planner tests.
+"""A scripted OpenAI-compatible chat-completions server on loopback: the planner tests' server and the rehearsal's
+planner (``instdiff rehearse``), so the LLM path of ``30_extension`` runs without a network.
 
 ``ScriptedLLMServer(script)`` is a real ``http.server.ThreadingHTTPServer`` bound to 127.0.0.1 on a free port; it
 answers ``POST /v1/chat/completions`` with the next step of its script (the last step repeats once the script is used
