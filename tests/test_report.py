@@ -180,3 +180,31 @@ def test_report_never_imports_notebooks_or_jobs():
     for py in lib.rglob("*.py"):
         src = py.read_text()
         assert not re.search(r"^\s*(from|import)\s+(notebooks|jobs)\b", src, re.M), py
+
+
+def test_training_record_names_the_committed_models_departures_and_the_blog_prints_them(tmp_path):
+    """The recipe table comes from the model folder's own files: change a field there and the row follows."""
+    import shutil
+    from types import SimpleNamespace
+
+    from instdiff_lib.report.blog import training_paragraph
+    from instdiff_lib.report.sections import training_record
+    from instdiff_lib.weights.embedded import default_model
+
+    run = SimpleNamespace(steps={})
+    table = training_record(run, SimpleNamespace(name="shapes", model=default_model()))
+    rec = run.steps["training"]
+    assert table.loc["fuser attention", "this model"].startswith("instance-masked")
+    assert table.loc["prediction", "this model"] == "v_prediction"
+    assert rec["reproduce"].startswith("instdiff train shapes") and f"--steps {rec['steps']}" in rec["reproduce"]
+    text = training_paragraph(rec)
+    assert rec["reproduce"] in text and "| fuser attention | full self-attention" in text
+
+    folder = tmp_path / "m"
+    shutil.copytree(default_model(), folder)
+    cfg = json.loads((folder / "model_config.json").read_text())
+    cfg["fuser_attention"] = "full"
+    (folder / "model_config.json").write_text(json.dumps(cfg))
+    training_record(run, SimpleNamespace(name="shapes", model=str(folder)))
+    assert run.steps["training"]["recipe"][1]["this model"] == "full (as released)"
+    assert training_record(run, SimpleNamespace(name="coco", model="x")).startswith("the released checkpoint")

@@ -152,6 +152,16 @@ def grounding_gap_paragraph(gap: dict, model: str) -> str:
             "images and tables below should be read with this number in mind.")
 
 
+def training_paragraph(tr: dict) -> str:
+    """How the default (Shapes) model was trained, and its recipe beside the official one, field by field."""
+    hours = tr["compute_s"] / 3600
+    return "\n".join([
+        f"**How the default model was trained.** {tr['model']}: `{tr['reproduce']}` ({tr['steps']} steps; "
+        f"{hours:.1f} h of recorded compute on a shared 2-core CPU, {tr['steps_per_s_last_session']:.2f} steps/s in "
+        "its last session). Where its recipe departs from the official one:", "",
+        _table(["", "official", "this model"], [[r["what"], r["official"], r["this model"]] for r in tr["recipe"]])])
+
+
 def render_blog(out: str | os.PathLike | None = None, folder: Path | None = None) -> tuple[Path, dict]:
     docs = load_all(folder)
     out = Path(out) if out else project_root() / "blogpost.md"
@@ -177,6 +187,8 @@ def render_blog(out: str | os.PathLike | None = None, folder: Path | None = None
                   "", _provenance_line(setup)]
     if setup and isinstance(setup.get("setup", {}).get("grounding_gap"), dict):
         parts += ["", grounding_gap_paragraph(setup["setup"]["grounding_gap"], setup["setup"].get("model", "?"))]
+    if setup and isinstance(setup.get("setup", {}).get("training"), dict):
+        parts += ["", training_paragraph(setup["setup"]["training"])]
     parts.append("")
 
     demos = docs.get("01_demos")

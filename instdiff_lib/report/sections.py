@@ -182,6 +182,55 @@ def grounding_gap(run: NotebookRun, world):
     return mapping_table(run.steps["grounding_gap"])
 
 
+# The official recipe (spec §1, §3) beside the committed Shapes model's, field by field: (what, official, key of the
+# record below). The record's values come from the model folder's own model_config.json / train_config.json.
+RECIPE_FIELDS = (
+    ("start", "SD1.5 weights, fine-tuned", "start"),
+    ("fuser attention", "full self-attention over visual and object tokens (masked attention off)", "fuser_attention"),
+    ("prediction", "epsilon", "prediction_type"),
+    ("autoencoder", "KL VAE, 4 x 64 x 64 latents", "vae"),
+    ("text encoder", "CLIP ViT-L/14, frozen", "text"),
+    ("fuser gates at init", "tanh(0) = 0", "fuser_gate_init"),
+    ("learning rate", "5e-5, constant", "lr"),
+    ("steps x batch", "as released (GPU cluster)", "steps"),
+    ("training data", "COCO and SA-1B with generated instance captions", "data"),
+)
+
+
+def training_record(run: NotebookRun, world):
+    """Shapes only: how the model in use was trained (its folder's ``summary.json`` / ``train_config.json`` /
+    ``model_config.json``) and, field by field, where its recipe departs from the official one."""
+    if world.name != "shapes":
+        return "the released checkpoint: trained by the authors"
+    import pandas as pd
+
+    folder = Path(world.model)
+    summary = json.loads((folder / "summary.json").read_text())
+    tc = summary["train_config"]
+    mc = json.loads((folder / "model_config.json").read_text())
+    decay = (f", cosine decay to {tc.get('lr_min_ratio', 0):g}x from step {tc['lr_decay_start']} over "
+             f"{tc['lr_decay_steps']} steps" if tc.get("lr_decay_start") is not None else ", constant")
+    ours = {
+        "start": "random initialisation (from scratch)",
+        "fuser_attention": {"instance_masked": "instance-masked: a visual token sees an instance's location tokens "
+                                               "only inside its region; seg tokens always",
+                            "full": "full (as released)"}[mc.get("fuser_attention", "full")],
+        "prediction_type": mc["schedule"]["prediction_type"],
+        "vae": (f"{mc['vae']['kind']} (parameter-free)" if mc["vae"]["kind"] == "space_to_depth" else mc["vae"]["kind"]),
+        "text": f"{mc['text']['num_hidden_layers']}-layer CLIP text tower of width {mc['text']['hidden_size']}, "
+                "trained with the UNet",
+        "fuser_gate_init": f"{tc['fuser_gate_init']:g}",
+        "lr": f"{tc['lr']:g}, {tc['warmup_steps']} warm-up steps{decay}",
+        "steps": f"{summary['steps']} x {tc['batch_size']} on {summary['threads']} CPU threads",
+        "data": f"{tc['n_train_images']} procedural Shapes images (data seed {tc['data_seed']})",
+    }
+    rows = [{"what": what, "official": official, "this model": ours[key]} for what, official, key in RECIPE_FIELDS]
+    run.steps["training"] = {"model": summary["export"]["label"], "steps": summary["steps"],
+                             "compute_s": summary["elapsed_s"], "steps_per_s_last_session": summary["steps_per_s"],
+                             "reproduce": summary["reproduce"], "recipe": rows}
+    return pd.DataFrame(rows).set_index("what")
+
+
 def write_setup(run: NotebookRun) -> dict[str, Any]:
     """``results/00_setup_check.json`` from the steps above."""
     s = run.steps
@@ -189,8 +238,9 @@ def write_setup(run: NotebookRun) -> dict[str, Any]:
             "torch_threads": s["torch_threads"], "cuda_available": s["cuda_available"], "world": s["world"],
             "model": s["model"], "weights": s["weights"], "image_seconds": s["image_seconds"],
             "unet_calls": s["unet_calls"]}
-    if "grounding_gap" in s:
-        info["grounding_gap"] = s["grounding_gap"]
+    for key in ("grounding_gap", "training"):
+        if key in s:
+            info[key] = s[key]
     path = run.write({"image_seconds": s["image_seconds"], "images_per_s": 1.0 / s["image_seconds"]}, n_evaluated=1,
                      extra={"setup": info})
     return {"results": str(path.relative_to(project_root()) if path.is_relative_to(project_root()) else path),
