@@ -5,12 +5,14 @@ through JupyterLab (tests/test_playground_browser.py)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from instdiff_lib.layouts import Layout
@@ -251,7 +253,10 @@ def test_generate_equals_instdiff_generate_on_the_saved_file(tmp_path):
     other = tmp_path / "cli"
     cmd[cmd.index("--out") + 1] = str(other)
     cli = [str(Path(sys.executable).with_name("instdiff")), *cmd[1:]]
-    proc = subprocess.run(cli, capture_output=True, text=True, timeout=600)
+    # the same intra-op thread count as this process (an earlier test may have changed it): CPU kernels may sum in
+    # another order with another count, and the comparison is bit for bit
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    proc = subprocess.run(cli, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     theirs = other / r.image_file.name
     assert np.array_equal(np.asarray(Image.open(theirs)), np.asarray(Image.open(r.image_file)))
