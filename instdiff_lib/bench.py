@@ -267,11 +267,16 @@ def quality_bars(results_dir: str | Path | None = None) -> list[Bar]:
     def ratio(x, y):
         return None if x is None or not y else x / y
 
+    def over_floor(x, floor):  # a floor of 0 is beaten by any x > 0
+        if x is None or floor is None:
+            return None
+        return x / floor if floor else (float("inf") if x > 0 else 0.0)
+
     return [
         Bar("grounding gap, null layout (fraction of the loss)", rel_gap, 0.03),
         Bar("box AP50 / real-image box AP50", ratio(box, real_box), 0.5),
-        Bar("box AP50 / shuffled-layout box AP50", ratio(box, floor_box) if floor_box != 0 or box is None
-            else (float("inf") if box > 0 else 0.0), 3.0, why="floor 0" if floor_box == 0 else ""),
+        Bar("box AP50 / shuffled-layout box AP50", over_floor(box, floor_box), 3.0,
+            why="floor 0" if floor_box == 0 else ""),
         Bar("real images: box AP50", real_box, 0.8),
         Bar("colour accuracy", _mean(_dig(a, "rows", "color"), "attr_acc"), 0.5),
         Bar("texture accuracy", _mean(_dig(a, "rows", "texture"), "attr_acc"), 0.45),

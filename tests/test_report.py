@@ -208,3 +208,21 @@ def test_training_record_names_the_committed_models_departures_and_the_blog_prin
     training_record(run, SimpleNamespace(name="shapes", model=str(folder)))
     assert run.steps["training"]["recipe"][1]["this model"] == "full (as released)"
     assert training_record(run, SimpleNamespace(name="coco", model="x")).startswith("the released checkpoint")
+
+
+def test_ablation_table_gets_the_floor_and_ceiling_of_its_base_setting(tmp_path):
+    """The ablation table is followed by the shuffled floor and real-image row of its base setting (from 10), and by
+    nothing when 10 has no floor for that setting."""
+    from instdiff_lib.report.blog import ablation_scale
+
+    def stat(mean):
+        return {"mean": mean, "ci95": 0.01}
+
+    loc = {"profile": "smoke", "metrics": {"rows": {"mask": {"n_images_per_seed": 16}},
+                                           "shuffled": {"mask": {"metrics": {"box_AP50": stat(0.016)}}},
+                                           "real": {"metrics": {"box_AP50": 0.808}}}}
+    abl = {"profile": "smoke", "metrics": {"base": {"setting": "mask"}}}
+    line = ablation_scale(abl, loc)[0]
+    assert "setting `mask`, 16 images per seed" in line and "box_AP50: floor 1.6 ± 1.0, real images 80.8" in line
+    assert ablation_scale({"profile": "smoke", "metrics": {"base": {"setting": "box"}}}, loc) == []
+    assert ablation_scale(abl, dict(loc, profile="full")) == []

@@ -162,6 +162,20 @@ def training_paragraph(tr: dict) -> str:
         _table(["", "official", "this model"], [[r["what"], r["official"], r["this model"]] for r in tr["recipe"]])])
 
 
+def ablation_scale(abl: dict, loc: dict | None) -> list[str]:
+    """The floor and ceiling of the ablation table: the shuffled-layout floor of the base setting and the real-image
+    row, both from ``10_location_formats`` (same world, detector and metric code; its own images and seeds)."""
+    setting = abl["metrics"]["base"].get("setting")
+    if not loc or loc["profile"] != abl["profile"] or setting not in loc["metrics"].get("shuffled", {}):
+        return []
+    floor = loc["metrics"]["shuffled"][setting]["metrics"]
+    real = loc["metrics"].get("real", {}).get("metrics", {})
+    cells = [f"{k}: floor {_stat(floor.get(k), k)}, real images {_fmt(real.get(k), k)}"
+             for k in ("box_AP50", "box_AR", "mask_IoU") if k in floor]
+    return [f"For scale (from `results/10_location_formats.json`, setting `{setting}`, "
+            f"{loc['metrics']['rows'][setting]['n_images_per_seed']} images per seed): " + "; ".join(cells) + ".", ""]
+
+
 def render_blog(out: str | os.PathLike | None = None, folder: Path | None = None) -> tuple[Path, dict]:
     docs = load_all(folder)
     out = Path(out) if out else project_root() / "blogpost.md"
@@ -257,6 +271,7 @@ def render_blog(out: str | os.PathLike | None = None, folder: Path | None = None
                   f"`{json.dumps({k: v for k, v in m['base'].items() if k != 'name'})}`; alpha = 0 switches the "
                   "fusers off for every step (the plain backbone); mean ± 95% CI over seeds.", "",
                   shapes_table(abl, ["box_AP50", "box_AR", "mask_IoU"]), "",
+                  *ablation_scale(abl, loc),
                   "By number of instances in the layout (base configuration, per-image mask IoU):", "",
                   _table(["instances", "mask IoU", "N images"],
                          [[k, _stat(v, "mask_IoU"), str(v["n_images"])] for k, v in m["by_instance_count"].items()]),
