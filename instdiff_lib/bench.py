@@ -247,7 +247,10 @@ def quality_bars(results_dir: str | Path | None = None) -> list[Bar]:
         path = root / f"{name}.json"
         if not path.is_file():
             return {}
-        d = json.loads(path.read_text())
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not a readable results file ({e}); rerun its notebook") from e
         if d.get("profile") != "smoke":
             raise ValueError(f"{path} is a {d.get('profile')!r} run; the quality bars judge the smoke report")
         return d
