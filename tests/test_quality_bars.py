@@ -65,6 +65,7 @@ def test_a_missing_file_or_a_full_run_is_not_judged_as_smoke(tmp_path):
     _write(tmp_path, profile="full")
     with pytest.raises(ValueError, match="smoke"):
         quality_bars(tmp_path)
+    _write(tmp_path)
     (tmp_path / "10_location_formats.json").write_text("{truncated")
     with pytest.raises(ValueError, match="10_location_formats.json is not a readable results file"):
         quality_bars(tmp_path)
