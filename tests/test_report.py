@@ -226,3 +226,12 @@ def test_ablation_table_gets_the_floor_and_ceiling_of_its_base_setting(tmp_path)
     assert "setting `mask`, 16 images per seed" in line and "box_AP50: floor 1.6 ± 1.0, real images 80.8" in line
     assert ablation_scale({"profile": "smoke", "metrics": {"base": {"setting": "box"}}}, loc) == []
     assert ablation_scale(abl, dict(loc, profile="full")) == []
+    # 20's own floor and ceiling (scored on its base images) win over 10's
+    own = {"profile": "smoke", "metrics": {"base": {"setting": "mask"},
+                                           "shuffled": {"base": {"metrics": {"box_AP50": stat(0.05)},
+                                                                 "n_images_per_seed": 4}},
+                                           "real": {"metrics": {"box_AP50": 0.75}, "n_images": 4}}}
+    line = ablation_scale(own, loc)[0]
+    assert "`results/20_ablations.json`" in line and "4 images per seed" in line
+    assert "box_AP50: floor 5.0 ± 1.0, real images 75.0" in line
+    assert ablation_scale(own, None) == ablation_scale(own, loc)

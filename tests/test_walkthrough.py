@@ -233,3 +233,51 @@ def test_report_notebooks_walk_through_their_steps(name):
     for c in code[2:]:
         calls = [n for n in ast.walk(ast.parse(c.source)) if isinstance(n, ast.Call)]
         assert len(calls) <= 4, f"{name}: a cell with {len(calls)} calls: {c.source[:80]!r}"
+
+
+class _FigureRun:
+    """A stand-in for NotebookRun.figure: saves the PNG and keeps the matplotlib figure to read its artists."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.figs = folder, []
+
+    def figure(self, obj, name):
+        self.figs.append(obj)
+        path = self.folder / f"{name}.png"
+        obj.savefig(path)
+        return path
+
+
+def _stat(mean):
+    return {"mean": mean, "ci95": 0.02}
+
+
+def test_ablation_figure_draws_the_floor_and_ceiling_of_each_metric(tmp_path):
+    from instdiff_lib.report.figures import ablation_figure
+
+    rows = {"alpha=0.0": {"metrics": {"box_AP50": _stat(0.02), "mask_IoU": _stat(0.1)}},
+            "alpha=1.0": {"metrics": {"box_AP50": _stat(0.3), "mask_IoU": _stat(0.5)}}}
+    floor = {"metrics": {"box_AP50": _stat(0.04), "mask_IoU": _stat(0.12)}}
+    real = {"box_AP50": 0.81, "mask_IoU": 0.73}
+    run = _FigureRun(tmp_path)
+    ablation_figure(run, rows, {"alpha": list(rows)}, ["box_AP50", "mask_IoU"], "Shapes", floor=floor, real=real)
+    axes = run.figs[0].axes
+    hlines = [sorted({round(float(ln.get_ydata()[0]), 6) for ln in ax.lines if len(set(ln.get_ydata())) == 1})
+              for ax in axes]
+    assert hlines == [[0.04, 0.81], [0.12, 0.73]]  # each metric its own floor and ceiling, not another's
+    run2 = _FigureRun(tmp_path)
+    ablation_figure(run2, rows, {"alpha": list(rows)}, ["box_AP50"], "Shapes")
+    assert all(len(set(ln.get_ydata())) > 1 for ln in run2.figs[0].axes[0].lines)  # no controls given: none drawn
+
+
+def test_attribute_figure_marks_each_rows_real_crop_ceiling(tmp_path):
+    from instdiff_lib.report.figures import metrics_figure
+
+    rows = {"color": {"metrics": {"attr_acc": _stat(0.9)}}, "texture": {"metrics": {"attr_acc": _stat(0.6)}}}
+    run = _FigureRun(tmp_path)
+    metrics_figure(run, rows, ["attr_acc"], "t", real={"color_acc": 1.0, "texture_acc": 0.93},
+                   real_per_row={"attr_acc": "{row}_acc"}, chance={"color": 0.125, "texture": 0.25})
+    ax = run.figs[0].axes[0]
+    marks = [tuple(np.round(o, 6)) for c in ax.collections for o in c.get_offsets()]
+    assert (0.0, 1.0) in marks and (1.0, 0.93) in marks  # color's ceiling over bar 0, texture's over bar 1
+    assert "real images" in [t.get_text() for t in ax.get_legend().get_texts()]

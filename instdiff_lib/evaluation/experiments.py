@@ -5,6 +5,7 @@ cell)::
     detect(world, files)                                  the protocol's detector on a few images (for a look)
     score_runs(world, generated, n)                       the paper's metric code per (variant, seed)
     score_runs(world, generated, n, shuffle=1)            the shuffled-layout floor: the same images, another layout
+    runs_named(generated, name)                           one variant's runs (e.g. an ablation's base), every seed
     real_control(world, n)                                the real-image ceiling: the val images, same metric code
     aggregate(records)                                    mean, sd and 95% CI over seeds per row
 
@@ -158,6 +159,14 @@ def generate_runs(world, variants: Iterable[Variant], seeds: Sequence[int], out_
         summary = generate_variant(world, v, s, out_root, n_images)
         out.append(Generated(v, s, str(variant_folder(out_root, v, s)), summary.n_generated,
                              summary.n_skipped_existing, round(summary.seconds, 2)))
+    return out
+
+
+def runs_named(generated: Sequence[Generated], name: str) -> list[Generated]:
+    """The runs of one variant name (e.g. an ablation's ``base``), every seed."""
+    out = [g for g in generated if g.variant.name == name]
+    if not out:
+        raise KeyError(f"no generated run is named {name!r}; the names are {sorted({g.variant.name for g in generated})}")
     return out
 
 

@@ -163,17 +163,25 @@ def training_paragraph(tr: dict) -> str:
 
 
 def ablation_scale(abl: dict, loc: dict | None) -> list[str]:
-    """The floor and ceiling of the ablation table: the shuffled-layout floor of the base setting and the real-image
-    row, both from ``10_location_formats`` (same world, detector and metric code; its own images and seeds)."""
-    setting = abl["metrics"]["base"].get("setting")
-    if not loc or loc["profile"] != abl["profile"] or setting not in loc["metrics"].get("shuffled", {}):
+    """The floor and ceiling of the ablation table: the shuffled-layout floor of the base configuration and the
+    real-image row of its setting. 20_ablations scores both on its own images; an older results file without them
+    falls back to those of ``10_location_formats`` for the base setting (same world, detector and metric code)."""
+    own = abl["metrics"]
+    setting = own["base"].get("setting")
+    if "base" in own.get("shuffled", {}) and "real" in own:
+        floor, real = own["shuffled"]["base"]["metrics"], own["real"].get("metrics", {})
+        where = (f"`results/20_ablations.json`, the base configuration's images (setting `{setting}`), "
+                 f"{own['shuffled']['base']['n_images_per_seed']} images per seed")
+    elif loc and loc["profile"] == abl["profile"] and setting in loc["metrics"].get("shuffled", {}):
+        floor = loc["metrics"]["shuffled"][setting]["metrics"]
+        real = loc["metrics"].get("real", {}).get("metrics", {})
+        where = (f"`results/10_location_formats.json`, setting `{setting}`, "
+                 f"{loc['metrics']['rows'][setting]['n_images_per_seed']} images per seed")
+    else:
         return []
-    floor = loc["metrics"]["shuffled"][setting]["metrics"]
-    real = loc["metrics"].get("real", {}).get("metrics", {})
     cells = [f"{k}: floor {_stat(floor.get(k), k)}, real images {_fmt(real.get(k), k)}"
              for k in ("box_AP50", "box_AR", "mask_IoU") if k in floor]
-    return [f"For scale (from `results/10_location_formats.json`, setting `{setting}`, "
-            f"{loc['metrics']['rows'][setting]['n_images_per_seed']} images per seed): " + "; ".join(cells) + ".", ""]
+    return [f"For scale ({where}): " + "; ".join(cells) + ".", ""]
 
 
 def render_blog(out: str | os.PathLike | None = None, folder: Path | None = None) -> tuple[Path, dict]:

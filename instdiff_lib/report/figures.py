@@ -150,10 +150,12 @@ def crops_figure(run: NotebookRun, world, generated: Sequence[Generated], n_imag
 # ---- plots of the aggregated numbers ----------------------------------------------------------------------------
 def metrics_figure(run: NotebookRun, rows: dict[str, dict], metrics: Sequence[str], title: str,
                    real: dict | None = None, floor: dict[str, dict] | None = None,
-                   chance: dict[str, float] | None = None, name: str = "metrics") -> Image.Image:
+                   chance: dict[str, float] | None = None, name: str = "metrics",
+                   real_per_row: dict[str, str] | None = None) -> Image.Image:
     """Seaborn bars (mean over seeds) with 95% CI error bars, one panel per metric; the real-image ceiling as a red
-    dashed line (or a red bar marker where ``real`` has it per row, e.g. ``PiM_point``), each row's shuffled-layout
-    floor as a grey bar marker, chance (attribute accuracy) as an orange dotted line."""
+    dashed line (or a red bar marker where ``real`` has it per row: ``{metric}_{row}`` such as ``PiM_point``, or the
+    key template of ``real_per_row``, e.g. ``{"attr_acc": "{row}_acc"}``), each row's shuffled-layout floor as a grey
+    bar marker, chance (attribute accuracy) as an orange dotted line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,7 +179,8 @@ def metrics_figure(run: NotebookRun, rows: dict[str, dict], metrics: Sequence[st
                        color="dimgray", zorder=5, label="shuffled layout")
         if real and m in real:
             ax.axhline(real[m], color="crimson", ls="--", lw=1.5, label="real images")
-        per_row = [(i, real[f"{m}_{n}"]) for i, n in enumerate(names) if real and f"{m}_{n}" in real]
+        key = (real_per_row or {}).get(m, f"{m}_{{row}}")
+        per_row = [(i, real[key.format(row=n)]) for i, n in enumerate(names) if real and key.format(row=n) in real]
         if per_row:  # a ceiling per setting (PiM_point, PiM_scribble)
             ax.scatter([i for i, _ in per_row], [v for _, v in per_row], marker="_", s=900, linewidths=3,
                        color="crimson", zorder=5, label="real images")
@@ -194,8 +197,11 @@ def metrics_figure(run: NotebookRun, rows: dict[str, dict], metrics: Sequence[st
 
 
 def ablation_figure(run: NotebookRun, rows: dict[str, dict], groups: dict[str, list[str]], metrics: Sequence[str],
-                    label: str, name: str = "groups") -> Image.Image:
-    """One panel per (metric, ablated field): mean and 95% CI over seeds for each value of the field."""
+                    label: str, name: str = "groups", floor: dict | None = None,
+                    real: dict[str, float] | None = None) -> Image.Image:
+    """One panel per (metric, ablated field): mean and 95% CI over seeds for each value of the field; the base
+    configuration's shuffled-layout floor (``floor``: its aggregated row) in grey and the real-image ceiling (``real``:
+    metric -> value) in red, as dashed lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -212,6 +218,14 @@ def ablation_figure(run: NotebookRun, rows: dict[str, dict], groups: dict[str, l
             means = [rows[n]["metrics"].get(m, {}).get("mean", np.nan) for n in names]
             cis = [rows[n]["metrics"].get(m, {}).get("ci95", np.nan) for n in names]
             ax.errorbar(range(len(xs)), means, yerr=[0 if np.isnan(c) else c for c in cis], fmt="o-", capsize=4)
+            low = (floor or {}).get("metrics", {}).get(m, {}).get("mean")
+            lines = [(v, c, lab) for v, c, lab in ((low, "dimgray", "shuffled layout (base)"),
+                                                    ((real or {}).get(m), "crimson", "real images"))
+                     if v is not None and not np.isnan(v)]
+            for v, c, lab in lines:
+                ax.axhline(v, color=c, ls="--", lw=1.2, label=lab)
+            if lines and j == 0:
+                ax.legend(fontsize=8)
             ax.set_xticks(range(len(xs)), xs)
             ax.set_title(f"{g}" if i == 0 else "")
             ax.set_ylabel(m if j == 0 else "")

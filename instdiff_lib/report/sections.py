@@ -344,13 +344,18 @@ def write_attribute_binding(run: NotebookRun, world, rows: dict, real: dict, flo
 
 
 def write_ablations(run: NotebookRun, world, plan: AblationPlan, records: list[RunRecord], rows: dict,
-                    counts: dict) -> Path:
+                    counts: dict, floor: dict | None = None, real: dict | None = None) -> Path:
     """``results/20_ablations.json``: rows, the ablation groups, the base row by instance count and its seed
-    variance. ``n_evaluated`` counts each (configuration, seed) once (rows that name the base share its images)."""
+    variance, the base's shuffled-layout floor (``floor``: aggregated rows) and the real-image ceiling of its setting
+    (``real``). ``n_evaluated`` counts each (configuration, seed) once (rows that name the base share its images)."""
     seed_variance = {m: {"values": s["values"], "mean": s["mean"], "sd": s["sd"], "ci95": s["ci95"]}
                      for m, s in rows["base"]["metrics"].items()}
     metrics = {"world": world.label, "rows": rows, "groups": plan.groups, "by_instance_count": counts,
                "seed_variance": seed_variance, "base": rows["base"]["variant"], "model": world.pipeline().c.label}
+    if floor is not None:
+        metrics["shuffled"] = floor
+    if real is not None:
+        metrics["real"] = real
     scored = {(r.variant.key(), r.seed): r.n_evaluated for r in records}
     return run.write(metrics, n_evaluated=int(sum(scored.values())), extra={"world": world.label})
 
