@@ -14,7 +14,11 @@ What it does (shared/spec/offline_setup.md §2, §8), each env var only if it is
   ``ultralytics.utils`` *after* the variables are set and updates its settings: ``sync=False`` (no telemetry) and
   ``datasets_dir`` / ``runs_dir`` / ``weights_dir`` inside the config dir. Pointing ``datasets_dir`` at an empty
   project folder means a stray ``data=coco.yaml`` can never silently find (or download) the real COCO photos, which
-  is how an earlier reproduction ended up scoring real images (shared/spec/prior_reproductions.md §0, §1.7).
+  is how an earlier reproduction ended up scoring real images (shared/spec/prior_reproductions.md §0, §1.7);
+* keeps the CPU thread count: ``import ultralytics`` sets ``OMP_NUM_THREADS=1`` when it is unset, which made torch in
+  this process and every process started from it (papermill kernels, the rehearsal's stages) run on one core. When
+  the variable was unset before that import it is removed again, so torch keeps its own default (a value the user set
+  is left as it is).
 """
 
 from __future__ import annotations
@@ -99,7 +103,16 @@ def setup_offline_env(project_root: str | os.PathLike | None = None, *, configur
 
     applied = None
     if configure_ultralytics and importlib.util.find_spec("ultralytics") is not None:
+        threads = None
+        if "OMP_NUM_THREADS" not in os.environ and not late:
+            import torch  # noqa: PLC0415  (ultralytics imports it anyway; its default thread count, fixed now)
+
+            threads = torch.get_num_threads()
         from ultralytics.utils import SETTINGS  # noqa: PLC0415  (import only after the env is set)
+
+        if threads is not None:  # ultralytics' import set OMP_NUM_THREADS=1: undo (see the module docstring)
+            os.environ.pop("OMP_NUM_THREADS", None)
+            torch.set_num_threads(threads)
 
         want = {
             "sync": False,

@@ -64,6 +64,35 @@ def test_setup_offline_env_in_a_fresh_process(tmp_path):
     assert not (tmp_path / "datasets").exists()
 
 
+@pytest.mark.parametrize("user_value", [None, "1", "3"])
+def test_importing_ultralytics_keeps_the_cpu_thread_count(tmp_path, user_value):
+    """ultralytics sets OMP_NUM_THREADS=1 at import when it is unset: torch here and every child process (papermill
+    kernels, rehearsal stages) would run on one core. After setup_offline_env torch keeps its own default, children
+    inherit no forced value, and a value the user set stays."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("YOLO_", "HF_", "OMP_", "MKL_"))}
+    if user_value:
+        env["OMP_NUM_THREADS"] = user_value
+    code = (
+        "import json, os, subprocess, sys\n"
+        "from instdiff_lib.offline import setup_offline_env\n"
+        f"setup_offline_env({str(tmp_path)!r})\n"
+        "import ultralytics, torch\n"
+        "child = subprocess.run([sys.executable, '-c', 'import os; print(os.environ.get(\"OMP_NUM_THREADS\"))'],"
+        " capture_output=True, text=True).stdout.strip()\n"
+        "print(json.dumps({'env': os.environ.get('OMP_NUM_THREADS'), 'child': child, 'torch': torch.get_num_threads()}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    default = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], env=env,
+                             capture_output=True, text=True, timeout=120).stdout.strip()
+    assert info["env"] == user_value and info["child"] == str(user_value)
+    assert info["torch"] == int(default)  # torch's own default, or the user's value
+
+
 # ---- a tiny COCO world built inline ---------------------------------------------------------------------
 
 
