@@ -281,3 +281,20 @@ def test_attribute_figure_marks_each_rows_real_crop_ceiling(tmp_path):
     marks = [tuple(np.round(o, 6)) for c in ax.collections for o in c.get_offsets()]
     assert (0.0, 1.0) in marks and (1.0, 0.93) in marks  # color's ceiling over bar 0, texture's over bar 1
     assert "real images" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_metrics_figure_draws_controls_that_have_no_value_as_nothing(tmp_path):
+    """A rehearsal with random weights scores PiM as NaN (nothing detected) for the rows and for the real images: the
+    figure is still drawn (NaN markers made matplotlib's legend placement raise), without a NaN ceiling."""
+    from instdiff_lib.report.figures import metrics_figure
+
+    nan = float("nan")
+    rows = {"box": {"metrics": {"box_AP50": _stat(0.0)}}, "point": {"metrics": {"PiM": _stat(nan)}},
+            "scribble": {"metrics": {"PiM": _stat(nan)}}}
+    run = _FigureRun(tmp_path)
+    metrics_figure(run, rows, ["box_AP50", "PiM"], "t", real={"box_AP50": nan, "PiM_point": nan, "PiM_scribble": 0.4})
+    box_ax, pim_ax = run.figs[0].axes
+    assert "real images" not in [ln.get_label() for ln in box_ax.lines]  # no ceiling line at NaN
+    marks = [tuple(np.round(o, 6)) for c in pim_ax.collections if c.get_label() == "real images"
+             for o in c.get_offsets()]
+    assert marks == [(1.0, 0.4)]  # scribble's ceiling only

@@ -177,17 +177,22 @@ def metrics_figure(run: NotebookRun, rows: dict[str, dict], metrics: Sequence[st
         if floors:
             ax.scatter([i for i, _ in floors], [f for _, f in floors], marker="_", s=900, linewidths=3,
                        color="dimgray", zorder=5, label="shuffled layout")
-        if real and m in real:
-            ax.axhline(real[m], color="crimson", ls="--", lw=1.5, label="real images")
+        # a control without a value (NaN: e.g. PiM when nothing was detected) draws nothing: NaN markers also break
+        # the legend's placement in matplotlib
+        ceiling = (real or {}).get(m)
+        ceiling = None if ceiling is None or np.isnan(ceiling) else ceiling
+        if ceiling is not None:
+            ax.axhline(ceiling, color="crimson", ls="--", lw=1.5, label="real images")
         key = (real_per_row or {}).get(m, f"{m}_{{row}}")
         per_row = [(i, real[key.format(row=n)]) for i, n in enumerate(names) if real and key.format(row=n) in real]
+        per_row = [(i, v) for i, v in per_row if v is not None and not np.isnan(v)]
         if per_row:  # a ceiling per setting (PiM_point, PiM_scribble)
             ax.scatter([i for i, _ in per_row], [v for _, v in per_row], marker="_", s=900, linewidths=3,
                        color="crimson", zorder=5, label="real images")
         if chance and m == "attr_acc":
             for k, (attr, c) in enumerate(chance.items()):
                 ax.axhline(c, color="darkorange", ls=":", lw=1.5, label="chance" if k == 0 else None)
-        if floors or per_row or (real and m in real) or (chance and m == "attr_acc"):
+        if floors or per_row or ceiling is not None or (chance and m == "attr_acc"):
             ax.legend(fontsize=10)
         ax.set_title(m)
         ax.tick_params(axis="x", rotation=30, labelsize=11)
