@@ -334,11 +334,17 @@ def test_tiny_grounding_dino_forward_and_postprocess(tiny_gdino):
     for o, img in zip(out, images):
         w, h = img.size
         assert (o.boxes >= 0).all() and (o.boxes[:, [0, 2]] <= w).all() and (o.boxes[:, [1, 3]] <= h).all()
-        assert ((0 <= o.scores) & (o.scores <= 1)).all()
     # the same forward through the processor and transformers' own post-processing gives the same boxes
     inputs = processor(images=images[:1], text="dog. traffic light.", return_tensors="pt")
     with torch.inference_mode():
         raw = model(**inputs)
+    # each query's score is the max sigmoid over its own tokens (known positions), not the "." or the specials
+    tokens = processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
+    assert tokens == ["[CLS]", "dog", ".", "traffic", "light", ".", "[SEP]"]
+    probs = raw.logits[0].float().sigmoid().numpy()
+    assert out[0].scores[:, 0] == pytest.approx(probs[:, 1], abs=1e-5)
+    assert out[0].scores[:, 1] == pytest.approx(probs[:, [3, 4]].max(1), abs=1e-5)
+    assert not np.allclose(probs[:, 3], probs[:, 4], atol=1e-3)  # the max over two tokens is not either one alone
     ref = processor.post_process_grounded_object_detection(raw, inputs["input_ids"], threshold=0.0,
                                                            text_threshold=0.0, target_sizes=[(128, 160)])[0]
     assert np.clip(ref["boxes"].numpy(), 0, [160, 128, 160, 128]) == pytest.approx(out[0].boxes, abs=1e-4)
@@ -348,7 +354,16 @@ def test_tiny_grounding_dino_forward_and_postprocess(tiny_gdino):
     lay = Layout(caption="a dog", width=512, height=512, instances=[Instance("a dog", box=(0, 0, 0.5, 0.5),
                                                                              category="dog")])
     r = evaluate_placement(images, [lay, lay], det, batch_size=2)
-    assert r.n_evaluated == 2 and r["found_rate"] == 1.0 and 0 <= r["mean_iou"] <= 1
+    assert r.n_evaluated == 2 and r["found_rate"] == 1.0
+    # mean IoU by hand: each image's top-scoring "dog" box against the planned top-left quarter of that image
+    ious = []
+    for o, img in zip(det.detect(images, [["dog"], ["dog"]]), images):
+        w, h = img.size
+        x0, y0, x1, y1 = o.boxes[int(np.argmax(o.scores[:, 0]))]
+        inter = max(0.0, min(x1, w / 2) - max(x0, 0.0)) * max(0.0, min(y1, h / 2) - max(y0, 0.0))
+        ious.append(inter / ((x1 - x0) * (y1 - y0) + w * h / 4 - inter))
+    assert 0 < max(ious) < 1  # not a trivial 0 or 1 (the non-square image's box overlaps the quarter)
+    assert r["mean_iou"] == pytest.approx(np.mean(ious), abs=1e-6)
 
 
 def test_tiny_owlv2_forward_and_postprocess(tiny_owlv2):
