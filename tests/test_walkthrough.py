@@ -257,7 +257,7 @@ def test_ablation_figure_draws_the_floor_and_ceiling_of_each_metric(tmp_path):
 
     rows = {"alpha=0.0": {"metrics": {"box_AP50": _stat(0.02), "mask_IoU": _stat(0.1)}},
             "alpha=1.0": {"metrics": {"box_AP50": _stat(0.3), "mask_IoU": _stat(0.5)}}}
-    floor = {"metrics": {"box_AP50": _stat(0.04), "mask_IoU": _stat(0.12)}}
+    floor = {"base": {"metrics": {"box_AP50": _stat(0.04), "mask_IoU": _stat(0.12)}}}
     real = {"box_AP50": 0.81, "mask_IoU": 0.73}
     run = _FigureRun(tmp_path)
     ablation_figure(run, rows, {"alpha": list(rows)}, ["box_AP50", "mask_IoU"], "Shapes", floor=floor, real=real)
@@ -298,3 +298,17 @@ def test_metrics_figure_draws_controls_that_have_no_value_as_nothing(tmp_path):
     marks = [tuple(np.round(o, 6)) for c in pim_ax.collections if c.get_label() == "real images"
              for o in c.get_offsets()]
     assert marks == [(1.0, 0.4)]  # scribble's ceiling only
+
+
+def test_shuffled_floor_with_one_image_is_left_out_not_an_error(capsys):
+    """With one image per folder there is no other layout to score against: no floor rows (a rehearsal runs 1 image),
+    and the steps after it take the empty floor."""
+    from instdiff_lib.evaluation.experiments import aggregate
+
+    g = Generated(Variant("base", "mask"), 0, "/nonexistent", 1, 0, 1.0)
+    assert score_runs(None, [g], 1, shuffle=1, progress=False) == []  # never opens the folder nor the world
+    assert "needs at least 2 images" in capsys.readouterr().out
+    assert aggregate([]) == {}
+    from instdiff_lib.report.tables import per_seed_table
+
+    assert per_seed_table([], ["box_AP50"]).empty  # the notebook's table of the (absent) floor

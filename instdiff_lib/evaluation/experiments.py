@@ -174,9 +174,15 @@ def score_runs(world, generated: Sequence[Generated], n_images: int, *, fid: boo
                progress: bool = True) -> list[RunRecord]:
     """Score the first ``n_images`` of each generated folder with the protocol's metric code (:meth:`World.score`).
 
-    ``shuffle=k``: the shuffled-layout control (each image scored against the layout of the image k later).
+    ``shuffle=k``: the shuffled-layout control (each image scored against the layout of the image k later); with
+    fewer than 2 images per folder there is no other layout: no records (the floor is left out, said in a line).
     A folder listed twice (variants that differ only in name, e.g. an ablation's base value) is scored once."""
     from tqdm.auto import tqdm
+
+    if shuffle and n_images < 2:
+        print(f"shuffled-layout floor not computed: it scores each image against another image's layout and needs at "
+              f"least 2 images per folder (n_images = {n_images})")
+        return []
 
     scores: dict[str, dict] = {}
     records = []

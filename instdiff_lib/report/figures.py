@@ -205,8 +205,8 @@ def ablation_figure(run: NotebookRun, rows: dict[str, dict], groups: dict[str, l
                     label: str, name: str = "groups", floor: dict | None = None,
                     real: dict[str, float] | None = None) -> Image.Image:
     """One panel per (metric, ablated field): mean and 95% CI over seeds for each value of the field; the base
-    configuration's shuffled-layout floor (``floor``: its aggregated row) in grey and the real-image ceiling (``real``:
-    metric -> value) in red, as dashed lines."""
+    configuration's shuffled-layout floor (``floor``: the aggregated shuffled rows, its ``base`` row is drawn) in grey
+    and the real-image ceiling (``real``: metric -> value) in red, as dashed lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -223,7 +223,7 @@ def ablation_figure(run: NotebookRun, rows: dict[str, dict], groups: dict[str, l
             means = [rows[n]["metrics"].get(m, {}).get("mean", np.nan) for n in names]
             cis = [rows[n]["metrics"].get(m, {}).get("ci95", np.nan) for n in names]
             ax.errorbar(range(len(xs)), means, yerr=[0 if np.isnan(c) else c for c in cis], fmt="o-", capsize=4)
-            low = (floor or {}).get("metrics", {}).get(m, {}).get("mean")
+            low = (floor or {}).get("base", {}).get("metrics", {}).get(m, {}).get("mean")
             lines = [(v, c, lab) for v, c, lab in ((low, "dimgray", "shuffled layout (base)"),
                                                     ((real or {}).get(m), "crimson", "real images"))
                      if v is not None and not np.isnan(v)]

@@ -102,7 +102,7 @@ def per_seed_table(records: Sequence[RunRecord], metrics: Sequence[str] | None =
     metrics = list(metrics or sorted({m for r in records for m in r.metrics}))
     rows = [{"row": r.variant.name, "seed": r.seed, "images": r.n_evaluated,
              **{m: round(_scaled(r.metrics.get(m), m), 3) for m in metrics}} for r in records]
-    return pd.DataFrame(rows).set_index(["row", "seed"])
+    return pd.DataFrame(rows, columns=["row", "seed", "images", *metrics]).set_index(["row", "seed"])
 
 
 def summary_table(rows: dict[str, dict], metrics: Sequence[str], *, floor: dict[str, dict] | None = None,
