@@ -8,6 +8,7 @@ oracle: `diffusers.loaders.single_file_utils`).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,6 +26,7 @@ from instdiff_lib.weights.keymap import (
     convert_vae_state_dict_to_ldm,
     diffusers_to_ldm_unet,
     ldm_to_diffusers_unet,
+    transformer_param_names,
     unet_key_table,
     vae_key_table,
 )
@@ -38,7 +40,9 @@ from instdiff_lib.weights.manifest import (
     official_unet_manifest,
 )
 
-PARITY = Path(__file__).resolve().parents[1].parent / "shared" / "parity"
+# $INSTDIFF_PARITY_DIR first (as `instdiff_lib.parity.parity_dir`): the mutation-testing copies of the tests live
+# under outputs/mutation/<module>/, where ../shared/parity does not exist and these tests would silently skip
+PARITY = Path(os.environ.get("INSTDIFF_PARITY_DIR") or Path(__file__).resolve().parents[1].parent / "shared" / "parity")
 OURS = ("position_net.", "scaleu.")  # keys that live outside the diffusers UNet proper
 
 TINY_LAYOUT = UNetLayout.from_config(TINY_OFFICIAL_CONFIG)
@@ -423,3 +427,170 @@ def test_vae_strictness():
     del sd["decoder.up.3.upsample.conv.bias"]
     with pytest.raises(KeyMapError, match=r"missing key\(s\): decoder\.up\.3\.upsample\.conv\.bias"):
         convert_vae_state_dict(sd)
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. edge cases found by mutation testing (tests/MUTATION.md)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_layout_from_ldm_hyper_parameters():
+    # built inside the test (the module-level layouts above are built once, at import)
+    sd15 = UNetLayout(n_levels=4, layers_per_block=2, attn_levels=(True, True, True, False), channel_mult=(1, 2, 4, 4))
+    assert UNetLayout.from_config(SD15_OFFICIAL_CONFIG) == sd15 and sd15.transformer_depth == 1
+    assert UNetLayout.from_config(TINY_OFFICIAL_CONFIG) == UNetLayout(3, 2, (True, True, False), (1, 1, 2), 1)
+    # attention at the levels whose downsampling factor 2**level is listed; depth defaults to 1
+    assert UNetLayout.from_ldm([1, 2, 2, 4, 4], 1, [2, 16]) == UNetLayout(5, 1, (False, True, False, False, True),
+                                                                          (1, 2, 2, 4, 4), 1)
+    cfg = {"channel_mult": (1, 2), "num_res_blocks": 3, "attention_resolutions": (1,)}  # no transformer_depth key
+    assert UNetLayout.from_config(cfg) == UNetLayout(2, 3, (True, False), (1, 2), 1)
+    assert UNetLayout.from_config(cfg | {"transformer_depth": 2}).transformer_depth == 2
+    assert UNetLayout.from_ldm((1, 2), 3, (1,), transformer_depth=2) == UNetLayout(2, 3, (True, False), (1, 2), 2)
+
+
+def test_layout_rejects_inconsistent_lengths():
+    with pytest.raises(ValueError, match=r"attn_levels has 2 entries, expected n_levels=3"):
+        UNetLayout(n_levels=3, layers_per_block=2, attn_levels=(True, False))
+    with pytest.raises(ValueError, match=r"channel_mult has 2 entries, expected 3"):
+        UNetLayout(n_levels=3, layers_per_block=2, attn_levels=(True, True, False), channel_mult=(1, 2))
+    unknown = UNetLayout(n_levels=3, layers_per_block=2, attn_levels=(True, True, False))
+    assert unknown.channel_mult is None  # then whether a ResBlock has a 1x1 shortcut is unknown (None), middle included
+    assert [unknown.resnet_has_shortcut(p) for p in ("input_blocks.4.0", "middle_block.0", "output_blocks.8.0")] == [
+        None, None, None]
+
+
+def test_key_map_error_message_format():
+    unknown = [f"u{i:02d}" for i in range(11)]
+    err = KeyMapError("what", unknown=reversed(unknown), missing=["m1"])
+    expected = ("what: key mismatch. 11 unknown key(s): u00, u01, u02, u03, u04, u05, u06, u07, u08, u09, ... "
+                "(+1 more). 1 missing key(s): m1.")
+    assert str(err) == err.message == expected and err.args == (expected,)
+    assert err.unknown == unknown and err.missing == ["m1"]
+    ten = KeyMapError("w", missing=unknown[:10])  # exactly ten: all shown, no "more"
+    assert str(ten) == "w: key mismatch. 10 missing key(s): " + ", ".join(unknown[:10]) + "."
+
+
+def test_text_encoder_errors_name_the_conversion_and_ignore_expected_position_ids():
+    sd = {"transformer.text_model.final_layer_norm.weight": torch.zeros(2)}
+    with pytest.raises(KeyMapError) as info:
+        convert_text_encoder_state_dict({**sd, "transformer.logit_scale": torch.zeros(())})
+    assert str(info.value) == ("official text encoder -> CLIPTextModel: key mismatch. "
+                               "1 unknown key(s): transformer.logit_scale.")
+    # a transformers-4 key list carries `embeddings.position_ids`: not required in the result
+    out = convert_text_encoder_state_dict(sd, expected_keys=["final_layer_norm.weight", "embeddings.position_ids"])
+    assert list(out) == ["final_layer_norm.weight"]
+    with pytest.raises(KeyMapError) as info:
+        convert_text_encoder_state_dict(sd, expected_keys=["final_layer_norm.weight", "final_layer_norm.bias"])
+    assert str(info.value) == ("official text encoder -> CLIPTextModel: key mismatch. "
+                               "1 missing key(s): final_layer_norm.bias.")
+
+
+# official-style configs whose key sets differ from SD1.5 / tiny in the ResBlock channel arithmetic (decreasing and
+# uneven multipliers, one and three ResBlocks per level) and in the transformer depth
+ODD_CONFIGS = [
+    TINY_OFFICIAL_CONFIG | {"channel_mult": (2, 1, 3), "num_res_blocks": 1},
+    TINY_OFFICIAL_CONFIG | {"channel_mult": (3, 1, 1, 2), "num_res_blocks": 3, "attention_resolutions": (2, 8)},
+    TINY_OFFICIAL_CONFIG | {"transformer_depth": 2},
+]
+
+
+@pytest.mark.parametrize("cfg", [SD15_OFFICIAL_CONFIG, TINY_OFFICIAL_CONFIG, *ODD_CONFIGS],
+                         ids=["sd15", "tiny", "mult213", "mult3112", "depth2"])
+def test_resnet_channels_shortcuts_and_key_table_match_the_official_manifest(cfg):
+    """The manifest (an independent simulation of the LDM constructor's skip-channel stack) is the oracle."""
+    layout = UNetLayout.from_config(cfg)
+    m = official_unet_manifest(cfg)
+    mc, lpb, n = cfg["model_channels"], cfg["num_res_blocks"], len(cfg["channel_mult"])
+    resnets = []
+    i = 1
+    for level in range(n):
+        for j in range(lpb):
+            resnets.append((f"input_blocks.{i}.0", layout._down_resnet_in_mult(level, j)))
+            i += 1
+        i += level != n - 1  # the Downsample
+    k = 0
+    for level in reversed(range(n)):
+        for j in range(lpb + 1):
+            resnets.append((f"output_blocks.{k}.0", layout._up_resnet_in_mult(level, j)))
+            k += 1
+    for prefix, mult in resnets:
+        assert mult * mc == m[f"{prefix}.in_layers.0.weight"][0], prefix  # GroupNorm over the block's input
+    for prefix in [p for p, _ in resnets] + ["middle_block.0", "middle_block.2"]:
+        assert layout.resnet_has_shortcut(prefix) == (f"{prefix}.skip_connection.weight" in m), prefix
+    table, optional = unet_key_table(layout)  # fusers by default
+    assert set(table) == {k for k in m if key_group(k) in ("sd", "fuser")} and not optional
+    assert set(unet_key_table(layout, fusers=False)[0]) == {k for k in m if key_group(k) == "sd"}
+
+
+def test_transformer_param_names_default_to_one_block_with_fuser():
+    names = transformer_param_names()
+    official = [k[len("input_blocks.1.1."):] for k in official_unet_manifest(TINY_OFFICIAL_CONFIG)
+                if k.startswith("input_blocks.1.1.")]
+    assert len(names) == len(official) == 43 and set(names) == set(official)
+    assert len(transformer_param_names(fuser=False)) == 26
+
+
+def test_vae_attention_weights_accept_linear_shapes_and_reject_others():
+    boc = {"block_out_channels": (4, 8), "layers_per_block": 1}
+    table, reshape = vae_key_table(boc)
+    assert sorted(reshape) == sorted(f"{side}.mid.attn_1.{q}.weight" for side in ("encoder", "decoder")
+                                     for q in ("q", "k", "v", "proj_out"))
+    ldm = {k: torch.zeros(8, 8, 1, 1) if k in reshape else torch.zeros(1) for k in table}
+    out = convert_vae_state_dict(ldm, boc)
+    assert out["encoder.mid_block.attentions.0.to_q.weight"].shape == (8, 8)
+    assert out["decoder.mid_block.attentions.0.group_norm.weight"] is ldm["decoder.mid.attn_1.norm.weight"]
+    resaved = dict(ldm, **{"decoder.mid.attn_1.v.weight": torch.zeros(8, 8)})  # already Linear-shaped: kept
+    assert convert_vae_state_dict(resaved, boc)["decoder.mid_block.attentions.0.to_v.weight"] is resaved[
+        "decoder.mid.attn_1.v.weight"]
+    bad = dict(ldm, **{"encoder.mid.attn_1.k.weight": torch.zeros(8, 8, 3, 3)})
+    with pytest.raises(ValueError, match=r"encoder\.mid\.attn_1\.k\.weight: expected a 1x1 conv weight \[C, C, 1, 1\], "
+                                         r"got \(8, 8, 3, 3\)"):
+        convert_vae_state_dict(bad, boc)
+    # back to LDM: Linear weights become [C, C, 1, 1]; conv-shaped ones (and everything else) are passed through
+    back = convert_vae_state_dict_to_ldm(out, boc)
+    assert back["encoder.mid.attn_1.q.weight"].shape == (8, 8, 1, 1)
+    conv = dict(out, **{"encoder.mid_block.attentions.0.to_k.weight": torch.zeros(8, 8, 1, 1)})
+    assert convert_vae_state_dict_to_ldm(conv, boc)["encoder.mid.attn_1.k.weight"] is conv[
+        "encoder.mid_block.attentions.0.to_k.weight"]
+    assert back["encoder.conv_in.weight"] is out["encoder.conv_in.weight"]
+
+
+def test_conversion_back_to_ldm_is_strict(tiny_weights):
+    ours = convert_unet_state_dict(tiny_weights, TINY_LAYOUT)
+
+    def message(sd, layout=TINY_LAYOUT, **kw):
+        with pytest.raises(KeyMapError) as info:
+            convert_unet_state_dict_to_ldm(sd, layout, **kw)
+        return str(info.value)
+
+    assert message({**ours, "foo.weight": torch.zeros(1)}) == (
+        "diffusers -> official UNet: key mismatch. 1 unknown key(s): foo.weight.")
+    assert message({k: v for k, v in ours.items() if k != "scaleu.scaleu_s_8"}) == (
+        "diffusers -> official UNet: key mismatch. 1 missing key(s): scaleu.scaleu_s_8.")
+    key = "up_blocks.1.upsamplers.0.conv.weight"
+    assert message({k: v for k, v in ours.items() if k != key}) == (
+        f"diffusers -> official UNet: key mismatch. 1 missing key(s): {key}.")
+    assert message({k: v for k, v in ours.items() if not k.startswith("position_net.")}) == (
+        "diffusers -> official UNet: key mismatch. 1 missing key(s): position_net.*.")
+    # a plain UNet (instdiff=False) has no ScaleU: such a key is unknown there
+    plain = convert_unet_state_dict({k: v for k, v in tiny_weights.items() if key_group(k) == "sd"}, TINY_LAYOUT,
+                                    instdiff=False)
+    back = convert_unet_state_dict_to_ldm(plain, TINY_LAYOUT, instdiff=False)
+    assert set(back) == {k for k in tiny_weights if key_group(k) == "sd"}
+    assert message({**plain, "scaleu.scaleu_b_0": torch.zeros(1)}, instdiff=False) == (
+        "diffusers -> official UNet: key mismatch. 1 unknown key(s): scaleu.scaleu_b_0.")
+    # without channel_mult the shortcut keys are optional in this direction too
+    layout = UNetLayout(n_levels=3, layers_per_block=2, attn_levels=(True, True, False))
+    again = convert_unet_state_dict_to_ldm(convert_unet_state_dict(tiny_weights, layout), layout)
+    assert set(again) == set(tiny_weights) and all(again[k] is tiny_weights[k] for k in again)
+
+
+def test_vae_errors_name_the_direction():
+    table, _ = vae_key_table()
+    sd = convert_vae_state_dict_to_ldm(meta_state_dict({k: (2, 2) for k in table.values()}))
+    with pytest.raises(KeyMapError) as info:
+        convert_vae_state_dict({**sd, "loss.logvar": torch.zeros(())})
+    assert str(info.value) == "official VAE -> diffusers: key mismatch. 1 unknown key(s): loss.logvar."
+    with pytest.raises(KeyMapError) as info:
+        convert_vae_state_dict_to_ldm({k: torch.zeros(1) for k in list(table.values())[1:]})
+    assert str(info.value) == f"diffusers VAE -> official: key mismatch. 1 missing key(s): {list(table.values())[0]}."

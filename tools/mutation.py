@@ -3,6 +3,7 @@
     python tools/mutation.py                 # every module below, one after the other
     python tools/mutation.py pim guards      # some of them
     python tools/mutation.py --report        # the table of the last runs only (no mutmut)
+    python tools/mutation.py --recheck-timeouts keymap   # also retest "timeouts" (wall-clock: spurious when starved)
 
 Each module runs in its own scratch project ``outputs/mutation/<name>/``: a copy of ``instdiff_lib``, ``tests`` and
 ``pyproject.toml`` (plus a generated ``[tool.mutmut]`` section naming the module and ONLY the test files that
@@ -110,7 +111,7 @@ def prepare(name: str, t: Target) -> Path:
     return work
 
 
-def run(name: str, t: Target, jobs: int) -> int:
+def run(name: str, t: Target, jobs: int, recheck_timeouts: bool = False) -> int:
     work = prepare(name, t)
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)  # the copy under mutants/ must be the instdiff_lib that the tests import
@@ -121,6 +122,8 @@ def run(name: str, t: Target, jobs: int) -> int:
     print(f"== {name}: {' '.join(t.files)} with {' '.join(t.tests)} (in {work.relative_to(ROOT)})", flush=True)
     # mutmut keeps a verdict until the function changes; a survivor of an earlier run must meet the current tests
     again = [] if t.functions else [k for k, _ in collect(name, t)["undecided"]]
+    if recheck_timeouts:  # a timeout on a starved machine may be spurious: give those mutants another chance
+        again += collect(name, t)["timeouts"]
     rc = subprocess.run(cmd, cwd=work, env=env).returncode
     if again and rc == 0:
         print(f"== {name}: retesting {len(again)} earlier survivors with the current tests", flush=True)
@@ -147,7 +150,7 @@ def collect(name: str, t: Target) -> dict:
     work = WORK / name
     eq = equivalents()
     counts = {"killed": 0, "survived": 0, "no tests": 0, "other": 0, "equivalent": 0}
-    survivors = []
+    survivors, timeouts = [], []
     for f in t.files:
         meta = work / "mutants" / (f + ".meta")
         if not meta.exists():
@@ -157,6 +160,8 @@ def collect(name: str, t: Target) -> dict:
                 continue
             if code in KILLED:
                 counts["killed"] += 1
+                if code in (36, -24, 24, 152):  # mutmut's wall-clock timeouts
+                    timeouts.append(key)
             elif key in eq and code in (0, 5, 33):
                 counts["equivalent"] += 1
             else:
@@ -167,7 +172,7 @@ def collect(name: str, t: Target) -> dict:
     scored = total - counts["equivalent"]
     score = counts["killed"] / scored if scored else float("nan")
     return {"module": name, "files": t.files, "tests": t.tests, **counts, "total": total, "score": score,
-            "undecided": survivors}
+            "undecided": survivors, "timeouts": timeouts}
 
 
 def report(names: list[str]) -> str:
@@ -216,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("modules", nargs="*", help=f"default: all, in this order: {' '.join(TARGETS)}")
     ap.add_argument("--report", action="store_true", help="only print the table of the last runs")
     ap.add_argument("--show", action="store_true", help="only print the diffs of the undecided survivors")
+    ap.add_argument("--recheck-timeouts", action="store_true",
+                    help="also retest the mutants whose tests timed out (spurious on a starved machine)")
     ap.add_argument("--jobs", type=int, default=int(os.environ.get("MUTATION_JOBS", "1")),
                     help="mutants tested in parallel (default 1, or $MUTATION_JOBS)")
     args = ap.parse_args(argv)
@@ -229,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     rc = 0
     if not args.report:
         for n in names:
-            rc = run(n, TARGETS[n], args.jobs) or rc
+            rc = run(n, TARGETS[n], args.jobs, args.recheck_timeouts) or rc
     print(report(names))
     return rc
 
