@@ -110,12 +110,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"shapes data: {report['seconds']} s for {report['n_images']} images, {report['target_ratio']} x the "
               f"{report['target_s']} s target ({'PASS' if report['target_ratio'] < 1 else 'FAIL'})")
         return 0
+    if args.protocol or args.project:
+        from instdiff_lib.protocol_bench import format_protocol, project_protocol, run_protocol_bench
+
+        if args.project:
+            cost = json.loads(Path(args.project).read_text())
+        else:
+            cost = run_protocol_bench(config=args.config or "sd15", model=args.model,
+                                      device=_device(args.device), dtype=_dtype(args.dtype),
+                                      steps=args.steps if args.steps != 10 else 50, mis=args.mis,
+                                      images_per_setting=args.protocol_images, budget_s=args.budget)
+            if args.out:  # the measurements first: the projection needs the report's packages (nbformat)
+                Path(args.out).write_text(json.dumps(cost, indent=2))
+        try:
+            proj = project_protocol(cost, params_dir=args.params_dir, coco_root=args.coco_root)
+        except ImportError as e:
+            proj = None
+            print(f"no projection here ({e}): run `instdiff bench --project FILE` where the report is installed")
+        print(format_protocol(cost, proj))
+        return 0
     if args.metrics:
         report = run_metrics_bench(n_images=args.metrics_images, yolo=args.yolo, device=_device(args.device))
         print(json.dumps(report, indent=2))
         return 0
 
-    report = run_bench(config=args.config, steps=args.steps, n_instances=args.instances, mis=args.mis,
+    report = run_bench(config=args.config or "tiny", steps=args.steps, n_instances=args.instances, mis=args.mis,
                        num_images=args.num_images, device=_device(args.device), dtype=_dtype(args.dtype),
                        max_batch=args.max_batch, repeats=args.repeats)
     print(json.dumps(report, indent=2))
@@ -281,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_download)
 
     b = sub.add_parser("bench", help="batched vs official-order sampling speed, in one process")
-    b.add_argument("--config", default="tiny", help="model preset (random weights): tiny, sd15, ...")
+    b.add_argument("--config", default=None, help="model preset (random weights): tiny, sd15, ... (default: tiny; "
+                                                "with --protocol sd15)")
     b.add_argument("--steps", type=int, default=10)
     b.add_argument("--instances", type=int, default=4)
     b.add_argument("--mis", type=float, default=0.36)
@@ -305,6 +325,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: generate and score afresh (box AP50, attribute accuracy vs chance, mean over seeds)")
     b.add_argument("--quality-images", type=int, default=48)
     b.add_argument("--guidance", type=float, default=3.0)
+    b.add_argument("--protocol", action="store_true",
+                   help="instead: the full protocol's cost on this device (sd15 size, random weights unless --model; "
+                        "50 steps): UNet time per batch, MIS batched vs official order, s/image and peak memory per "
+                        "setting, and the GPU-hours of jobs/params/full projected from them")
+    b.add_argument("--model", default=None, help="with --protocol: a converted folder instead of random weights")
+    b.add_argument("--protocol-images", type=int, default=12, help="with --protocol: images per setting")
+    b.add_argument("--budget", type=float, default=None, help="with --protocol: stop the per-setting part after "
+                                                              "this many seconds")
+    b.add_argument("--out", default=None, help="with --protocol: write the measurements (JSON) here")
+    b.add_argument("--project", default=None, help="instead: the projection from a --protocol --out file")
+    b.add_argument("--params-dir", default=None, help="with --protocol/--project: params set (default jobs/params/full)")
+    b.add_argument("--coco-root", default=None, help="with --protocol/--project: COCO's per-image instance counts "
+                                                     "(default: COCO's mean, 7.4)")
     b.set_defaults(func=cmd_bench)
     da = sub.add_parser("data", help="datasets: COCO val2017, its 512x512 resized instances, the Shapes world")
     dsub = da.add_subparsers(dest="data_command", required=True)

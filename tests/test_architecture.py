@@ -20,6 +20,7 @@ LAYERS = [
     {"training", "extension", "playground"},
     {"bench"},
     {"report"},
+    {"protocol_bench"},  # the full protocol's cost: reads the report's params files for its projection
     {"cli"},
 ]
 RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
