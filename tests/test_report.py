@@ -147,6 +147,26 @@ def test_blog_tables_come_from_results(tmp_path, monkeypatch):
     assert str(reported.SEED_NUMBERS["boxes"]["AP50"]) in ap50_line
 
 
+def test_compute_table_tells_scoring_only_reruns(tmp_path, monkeypatch):
+    """A notebook that scored images an earlier run generated shows 0 generated, what it scored, and the note."""
+    from instdiff_lib.report.blog import render_blog
+
+    res = tmp_path / "results"
+    monkeypatch.setenv("INSTDIFF_RESULTS_DIR", str(res))
+    fresh = {"rows": {"box": _row({"box_AP50": [0.1, 0.2]}, 8)}}
+    rerun = {"rows": {"base": {**_row({"box_AP50": [0.3]}, 8), "n_generated": 0, "gen_seconds": 0.0}}}
+    for name, m in (("10_location_formats", fresh), ("21_rescored", rerun)):
+        write_results(res / f"{name}.json", m, params={"SMOKE": True}, n_evaluated=16, profile="smoke",
+                      extra={"notebook": name})
+    text = render_blog(tmp_path / "blog.md", res)[0].read_text().split("## Measured compute")[1].split("## ")[0]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in text.splitlines()
+            if line.startswith(("| 10_", "| 21_"))}
+    assert rows["10_location_formats"][-3:] == ["0.80", "8", "16"]  # 8 generated in 10 s, 2 seeds x 8 scored
+    assert rows["21_rescored"][-3:] == ["–", "–", "8"]
+    assert "21_rescored scored images that an earlier run had generated" in text
+    assert "10_location_formats scored" not in text
+
+
 @pytest.mark.slow
 def test_blog_notebook_runs_with_papermill(tmp_path, monkeypatch):
     """99_blogpost executes headless (a real kernel), writes its results file with provenance and the blog."""

@@ -326,18 +326,25 @@ def render_blog(out: str | os.PathLike | None = None, folder: Path | None = None
               "here comes from a results file with provenance.", ""]
 
     parts += ["## Measured compute", ""]
-    comp_rows = []
+    comp_rows, scoring_only = [], []
     for name, doc in docs.items():
         m = doc["metrics"]
+        rows = m.get("rows") if isinstance(m.get("rows"), dict) else {}
         ips = m.get("images_per_s")
-        gen_s = sum(r.get("gen_seconds", 0) for r in m.get("rows", {}).values()) if isinstance(m.get("rows"), dict) else 0
-        n_gen = sum(r.get("n_generated", 0) for r in m.get("rows", {}).values()) if isinstance(m.get("rows"), dict) else 0
+        gen_s = sum(r.get("gen_seconds", 0) for r in rows.values())
+        n_gen = sum(r.get("n_generated", 0) for r in rows.values())
+        n_scored = sum(r.get("n_evaluated", 0) for r in rows.values())
         if ips is None and n_gen:
             ips = n_gen / gen_s if gen_s else None
+        if n_scored and not n_gen:
+            scoring_only.append(name)
         comp_rows.append([name, doc["profile"], str(doc["provenance"].get("device")), str(doc.get("wall_time_s")),
-                          "–" if ips is None else f"{ips:.2f}", str(n_gen or "–")])
-    parts += [_table(["notebook", "profile", "device", "wall time (s)", "images/s (generation)", "images generated"],
-                     comp_rows) if comp_rows else "*(no results yet)*", ""]
+                          "–" if ips is None else f"{ips:.2f}", str(n_gen or "–"), str(n_scored or "–")])
+    parts += [_table(["notebook", "profile", "device", "wall time (s)", "images/s (generation)", "images generated",
+                      "images scored (summed over table rows)"], comp_rows) if comp_rows else "*(no results yet)*", ""]
+    if scoring_only:
+        parts += [f"{', '.join(scoring_only)} scored images that an earlier run had generated (a rerun finds them done, "
+                  "as the generation array leaves them): their wall time is scoring only.", ""]
 
     parts += ["## Reproduce", "", "```bash",
               "make report                 # smoke profile: Shapes mini model, data and evaluators, CPU, minutes",
