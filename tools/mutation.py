@@ -196,6 +196,17 @@ def report(names: list[str]) -> str:
     return text
 
 
+def _file_of(key: str, files: list[str]) -> str:
+    """The mutated file a mutant name belongs to: the longest module prefix (a package's ``__init__.py`` is the
+    package's own name, a prefix of its sub-modules' names too)."""
+    def module(f: str) -> str:
+        m = f[:-3].replace("/", ".")
+        return m[: -len(".__init__")] if m.endswith(".__init__") else m
+
+    hits = [f for f in files if key.startswith(module(f) + ".")]
+    return max(hits, key=lambda f: len(module(f))) if hits else files[0]
+
+
 def show(names: list[str]) -> str:
     """The diff of every undecided survivor of the last runs (mutmut's own diff, read from the scratch copies)."""
     from mutmut.mutation.diff_apply import get_diff_for_mutant
@@ -204,11 +215,13 @@ def show(names: list[str]) -> str:
     for n in names:
         t = TARGETS[n]
         for key, status in collect(n, t)["undecided"]:
-            path = next((f for f in t.files if key.startswith(f[:-3].replace("/", ".") + ".")), t.files[0])
+            path = _file_of(key, t.files)
             cwd = os.getcwd()
             os.chdir(WORK / n)
             try:
                 diff = get_diff_for_mutant(key, path=path)
+            except (FileNotFoundError, KeyError, ValueError) as e:  # show the others rather than stop
+                diff = f"\n\n(no diff: {e})"
             finally:
                 os.chdir(cwd)
             out.append(f"# {key}: {status}\n" + "\n".join(line for line in diff.splitlines()[2:]
