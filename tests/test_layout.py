@@ -1,6 +1,8 @@
 """Tests for instdiff_lib.layouts.layout: demo JSON parsing, validation, round trips and grounding arrays."""
 
 import json
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from instdiff_lib.layouts.layout import (
     Instance,
     Layout,
     LayoutError,
+    decode_mask,
     encode_mask,
     grounding_arrays,
     grounding_for_instance,
@@ -254,10 +257,24 @@ def test_truncate_keeps_the_first_30_and_warns():
         ({"caption": "bad mask", "mask": {"counts": "abc"}}, ["instance 1 ('bad mask')", "'mask'"]),
         ({"caption": "bad rle", "mask": {"size": [512, 512], "counts": "zz"}}, ["instance 1 ('bad rle')", "invalid"]),
         ({"caption": "short rle", "mask": {"size": [512, 512], "counts": encode_mask(np.ones((8, 8), bool))["counts"]}},
-         ["instance 1 ('short rle')", "do not cover"]),
+         ["instance 1 ('short rle')", "do not cover height*width = 262144 pixels"]),
         ({"caption": "nan box", "bbox": [10, 20, float("nan"), 3]}, ["box [10, 20, nan, 3] contains NaN/inf"]),
         ({"caption": "small mask", "mask": encode_mask(np.ones((256, 256), bool))},
          ["instance 1 ('small mask')", "mask shape (256, 256)", "(512, 512)"]),
+        ({"caption": "thin", "bbox": [10, 20, 30, 0]}, ["instance 1 ('thin')", "zero or negative size", "h = 0"]),
+        ({"caption": "up", "bbox": [10, -5, 20, 20]},
+         ["instance 1 ('up'): box [10, -5, 20, 20] starts above the 512x512 canvas (y = -5 < 0)"]),
+        ({"caption": "s", "scribble": [[1, 2, 3]]}, ["instance 1 ('s'): 'scribble' must have 2 numbers"]),
+        ({"caption": "s", "scribble": [[1, 2], 3]},
+         ["instance 1 ('s'): 'scribble' must be [x1, y1, ...] or [[x, y], ...] in pixels"]),
+        ({"caption": "p", "point": [1, 2, 3]}, ["instance 1 ('p'): 'point' must have 2 numbers"]),
+        ({"caption": "c", "bbox": [1, 2, 3, 4], "category_name": 5},
+         ["instance 1 ('c'): 'category_name' must be a string, got 5"]),
+        ({"caption": "no size", "mask": {"counts": "abc"}}, ["an RLE mask needs 'size' and 'counts'"]),
+        ({"caption": "int counts", "mask": {"size": [512, 512], "counts": 7}},
+         ["RLE 'counts' must be a string or a list of non-negative ints"]),
+        ({"caption": "flat poly", "mask": [10, 10, 50, 10, 50, 50]},
+         ["instance 1 ('flat poly')", "mask must be a COCO RLE dict, a list of polygons, or []"]),
     ],
 )
 def test_invalid_instances_raise_naming_instance_and_problem(anno, fragments):
@@ -278,6 +295,9 @@ def test_invalid_instances_raise_naming_instance_and_problem(anno, fragments):
         (json.dumps({"caption": "x", "width": 0, "height": 512, "annos": []}), "'width'"),
         (json.dumps({"caption": "x", "width": 512.5, "height": 512, "annos": []}), "'width'"),
         (json.dumps(scene(["a string"])), "instance 0"),
+        ("[1, 2]", "top level must be a JSON object, got list"),
+        (json.dumps(scene(["a string"])), "instance 0: each entry of 'annos' must be an object, got str"),
+        (json.dumps(scene([]) | {"caption": 5}), "'caption' (global) must be a string, got 5"),
     ],
 )
 def test_malformed_json_raises_layout_error(data, fragment):
@@ -409,3 +429,189 @@ def test_grounding_rejects_too_many_instances_and_negative_seeds():
         grounding_arrays(crowded, seed=0)
     with pytest.raises(ValueError):
         grounding_arrays(mixed_layout(), seed=-1)
+
+
+# -----------------------------------------------------------------------------
+# edge cases found by mutation testing (tests/MUTATION.md)
+
+
+def mask_error(mask, width: int = 4, height: int = 4) -> str:
+    """The LayoutError message for a width x height layout whose one instance has this 'mask'."""
+    with pytest.raises(LayoutError) as err:
+        Layout.from_json(scene([{"caption": "m", "mask": mask}], width, height))
+    return str(err.value)
+
+
+def one_mask(mask, width: int = 4, height: int = 4) -> np.ndarray:
+    return Layout.from_json(scene([{"caption": "m", "mask": mask}], width, height)).instances[0].mask
+
+
+def test_compressed_rle_strings_are_checked_character_by_character():
+    # "`0" is one run of 16: group 16 (0x10, so a second group follows: 0x30 -> "`"), then group 0 ("0")
+    assert np.array_equal(one_mask({"size": [4, 4], "counts": "`0"}), np.zeros((4, 4), bool))
+    # the run stops after a group that still announces another one
+    assert "ends in the middle of a run" in mask_error({"size": [4, 4], "counts": "`"})
+    # "p" is code 64, one past the 64 codes ("0".."o") of the format; "/" is code -1
+    assert "invalid character 'p'" in mask_error({"size": [4, 4], "counts": "`0p"})
+    assert "invalid character '/'" in mask_error({"size": [4, 4], "counts": "/"})
+    # no runs at all cover none of the 16 pixels
+    assert "do not cover height*width = 16 pixels" in mask_error({"size": [4, 4], "counts": ""})
+    # a run of 2**64 pixels (12 zero groups with "more", then 16 as above) parses but pycocotools refuses it
+    assert "cannot decode RLE mask" in mask_error({"size": [2**64, 1], "counts": "P" * 12 + "`0"})
+
+
+@pytest.mark.parametrize(
+    "mask, reason",
+    [
+        ({"size": [4, 4], "counts": "`"}, "RLE counts string ends in the middle of a run"),
+        ({"counts": "`0"}, "an RLE mask needs 'size' and 'counts'"),
+        ({"size": [4, 4], "counts": 16}, "RLE 'counts' must be a string or a list of non-negative ints"),
+        ([1, 2, 3, 4, 5, 6], "mask must be a COCO RLE dict, a list of polygons, or []"),
+    ],
+)
+def test_bad_mask_messages_read_instance_then_reason(mask, reason):
+    assert mask_error(mask) == f"instance 0 ('m'): bad 'mask': {reason}"
+
+
+@pytest.mark.parametrize("size", [[4, 4, 4], [16], [4.0, 4], [0, 16], [4, -4], (4, 4), "4x4"])
+def test_rle_size_must_be_a_list_of_two_positive_ints(size):
+    assert "RLE 'size' must be [height, width]" in mask_error({"size": size, "counts": "`0"})
+
+
+def test_uncompressed_rle_edge_cases():
+    # COCO runs start with background: a mask whose first pixel is set starts with a run of 0
+    assert one_mask({"size": [4, 4], "counts": [0, 16]}).all()
+    # a one-row frame: columns 1 and 2 set
+    assert one_mask({"size": [1, 4], "counts": [1, 2, 1]}, width=4, height=1).tolist() == [[False, True, True, False]]
+    assert "uncompressed RLE counts sum to 7, not height*width = 16" in mask_error({"size": [4, 4], "counts": [3, 4]})
+    for counts in ([-1, 17], [8.0, 8.0], 16):
+        assert "RLE 'counts' must be a string or a list of non-negative ints" in mask_error(
+            {"size": [4, 4], "counts": counts})
+
+
+def test_polygon_masks_need_three_numeric_points_each():
+    # triangle (0, 0), (4, 0), (0, 4): the pixels whose centre (c + 0.5, r + 0.5) lies inside, i.e. r + c <= 2
+    rows, cols = np.mgrid[:4, :4]
+    assert np.array_equal(one_mask([[0, 0, 4, 0, 0, 4]]), rows + cols <= 2)
+    for polys, j in [([[0, 0, 3, 0]], 0), ([[0, 0, 3, 0, 3, 3, 1]], 0), ([[0, 0, 3, 0, 3, "3"]], 0),
+                     ([[0, 0, 4, 0, 0, 4], [1, 1, 2, 2]], 1)]:
+        assert f"polygon {j} must be a flat list of at least 3 (x, y) pixel pairs" in mask_error(polys)
+
+
+def test_decode_mask_returns_bool_arrays():
+    m = np.zeros((4, 4), bool)
+    m[1:3, 2] = True
+    for obj in (encode_mask(m), [[0, 0, 4, 0, 0, 4]]):
+        out = decode_mask(obj, 4, 4)
+        assert out.dtype == bool and out.shape == (4, 4)
+    assert np.array_equal(decode_mask(encode_mask(m), 4, 4), m)
+
+
+def test_instance_normalises_its_arrays_and_keeps_a_given_box():
+    m = np.zeros((8, 8), np.uint8)
+    m[2:4, 5:8] = 255  # a 0/255 image, as read from a PNG
+    inst = Instance("m", box=(0, 0, 1, 1), mask=m, scribble=np.array([[1, 0], [0, 1]], np.int32))
+    assert inst.box == (0.0, 0.0, 1.0, 1.0)  # the given box, not the mask's tight box
+    assert inst.mask.dtype == bool and np.array_equal(inst.mask, m > 0)
+    assert inst.scribble.dtype == np.float64 and inst.scribble.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    assert Instance("m", mask=m).box == (5 / 8, 2 / 8, 1.0, 4 / 8)
+    # the same from JSON: a bbox given with a mask wins
+    wide = wide_top_right_mask()
+    layout = Layout.from_json(scene([{"caption": "m", "bbox": [0, 0, 256, 128], "mask": encode_mask(wide)}]))
+    assert layout.instances[0].box == (0.0, 0.0, 0.5, 0.25)
+
+
+def test_to_json_rounds_pixels_to_six_decimals():
+    # 512 / 3 = 170.666666..., written as 170.666667; integral values are written as ints
+    layout = Layout("", 512, 512, [Instance("third", box=(1 / 3, 0.25, 2 / 3, 0.5), point=(1 / 3, 0.5))])
+    anno = layout.to_json()["annos"][0]
+    assert anno["bbox"] == [170.666667, 128, 170.666667, 128] and isinstance(anno["bbox"][1], int)
+    assert anno["point"] == [170.666667, 256]
+
+
+def test_coordinates_exactly_at_the_tolerance_are_accepted():
+    lo, hi = -1e-6, 1 + 1e-6  # the documented tolerance: float noise up to 1e-6 of the canvas is accepted
+    Layout("", 512, 512, [
+        Instance("box", box=(lo, lo, hi, hi)),
+        Instance("low point", point=(lo, lo)),
+        Instance("high point", point=(hi, hi)),
+        Instance("scribble", scribble=np.array([[lo, hi], [hi, lo]])),
+    ]).validate()
+    with pytest.raises(LayoutError, match="starts left"):
+        Layout("", 512, 512, [Instance("box", box=(-2e-6, 0, 1, 1))]).validate()
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        (Layout(5, 8, 8, [Instance("a", point=(0.5, 0.5))]), "global caption must be a string, got int"),
+        (Layout("", 8, 8, [Instance("  ", point=(0.5, 0.5))]), "instance 0: missing or empty caption"),
+        (Layout("", 8, 8, [Instance(None, point=(0.5, 0.5))]), "instance 0: missing or empty caption"),
+        (Layout("", 8, 8, [Instance("b", box=(0.1, 0.2, 0.3))]), "instance 0 ('b'): box must be 4 numbers (x0, y0, x1, y1)"),
+        (Layout("", 8, 8, [Instance("p", point=(0.1, 0.2, 0.3))]), "instance 0 ('p'): point must be 2 numbers (x, y)"),
+        (Layout("", 8, 8, [Instance("s", scribble=np.zeros((0, 2)))]),
+         "instance 0 ('s'): scribble must have shape (k, 2) with k >= 1, got (0, 2)"),
+        (Layout("", 8, 8, [Instance("s", scribble=np.full((3, 3), 0.5))]),
+         "instance 0 ('s'): scribble must have shape (k, 2) with k >= 1, got (3, 3)"),
+        (Layout("", 1, 0, [Instance("dot", point=(0, 0))]), "layout height must be a positive integer, got 0"),
+    ],
+)
+def test_validate_names_the_problem_of_directly_built_layouts(layout, message):
+    with pytest.raises(LayoutError, match=re.escape(message)):
+        layout.validate()
+
+
+def test_one_pixel_frames_integral_float_sizes_and_a_missing_global_caption():
+    tiny = Layout.from_json({"width": 1, "height": 1.0, "annos": [{"caption": "dot", "point": [1, 0]}]})
+    assert (tiny.caption, tiny.width, tiny.height) == ("", 1, 1) and type(tiny.height) is int
+    assert tiny.instances[0].point == (1.0, 0.0)
+
+
+def test_empty_scribble_means_no_scribble():
+    layout = Layout.from_json(scene([{"caption": "a", "point": [128, 256], "scribble": [], "mask": []}]))
+    inst = layout.instances[0]
+    assert inst.scribble is None and inst.mask is None and inst.point == (0.25, 0.5)
+
+
+def test_exactly_30_instances_fit_without_truncation():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layout = Layout.from_json(too_many(30))
+    assert len(layout.instances) == 30
+
+
+def test_sources_other_than_files_give_messages_without_a_prefix():
+    data = scene([{"caption": "a red car", "bbox": [10, 20, 600, 40]}])
+    for src in (data, json.dumps(data)):
+        with pytest.raises(LayoutError) as err:
+            Layout.from_json(src)
+        assert str(err.value).startswith("instance 0 ('a red car'): box")
+    with pytest.raises(LayoutError) as err:
+        Layout.from_json("{not json")
+    assert str(err.value).startswith("not valid JSON")
+    # JSON text may start with blanks (it is still text, not a path)
+    layout = Layout.from_json("\n  " + json.dumps(scene([{"caption": "a", "point": [128, 256]}])))
+    assert layout.instances[0].point == (0.25, 0.5)
+    with pytest.raises(LayoutError, match="expected a path, a JSON string or a dict, got int"):
+        Layout.from_json(42)
+
+
+def test_grounding_errors_name_the_bad_seed_or_index():
+    layout = Layout("", 8, 8, [Instance("a", point=(0.5, 0.5)), Instance("b", point=(0.25, 0.25))])
+    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
+        grounding_arrays(layout, seed=-1, seg_size=8)
+    for i in (2, -1):
+        with pytest.raises(IndexError, match=f"instance index {i} out of range for a layout with 2 instances"):
+            grounding_for_instance(layout, i, seed=0, seg_size=8)
+
+
+def test_mask_points_of_a_tiny_mask_are_drawn_from_the_instance_generator():
+    m = np.zeros((64, 64), bool)
+    m[10:14, 20:24] = True  # 16 pixels: fewer than the 128 interior points, so they are drawn at random
+    layout = Layout("", 64, 64, [Instance("tiny", mask=m)])
+    a, b = (grounding_arrays(layout, seed=s, seg_size=64)["polygons"][0].reshape(256, 2) * 64 for s in (0, 1))
+    # boundary points lie at most 2 px past the last pixel (the +1 px padding offset); interior ones on pixels
+    assert (a[:, 0] >= 20).all() and (a[:, 0] <= 25).all() and (a[:, 1] >= 10).all() and (a[:, 1] <= 15).all()
+    on_pixel = (a == np.round(a)).all(axis=1) & (a[:, 0] <= 23) & (a[:, 1] <= 13)
+    assert on_pixel.sum() >= 128
+    assert not np.array_equal(a, b)  # another seed draws other interior pixels
