@@ -1,7 +1,12 @@
 """Detector scoring: COCO AP/AR (pycocotools parity), mask IoU, YOLO inference offline and its frame conversion."""
 
+import contextlib
+import io
 import json
+import math
 import os
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -10,9 +15,17 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from instdiff_lib.evaluation.metrics import FrameMismatchError, MetricResult, rle_area
+from instdiff_lib.evaluation.metrics import (
+    FrameMismatchError,
+    MetricResult,
+    check_result_frames,
+    load_coco,
+    rle_area,
+    rle_bbox,
+)
 from instdiff_lib.evaluation.metrics.detection import (
     COCO_STATS,
+    YoloPredictions,
     coco_ap,
     letterbox_to_coco,
     load_yolo,
@@ -115,8 +128,7 @@ def ann_from_mask(ann_id, image_id, cat, mask, iscrowd=0):
             "segmentation": rle(mask)}
 
 
-@pytest.fixture(scope="module")
-def world():
+def make_world():
     """3 non-square images, 3 categories, rectangles of several sizes, one crowd annotation."""
     specs = {  # image_id: (h, w, [(cat, x0, y0, x1, y1, iscrowd)])
         1: (60, 90, [(1, 5, 5, 30, 40, 0), (2, 40, 10, 80, 30, 0), (1, 50, 35, 85, 55, 0)]),
@@ -134,6 +146,11 @@ def world():
     gt = {"images": images, "annotations": anns,
           "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 3, "name": "c"}]}
     return gt, masks
+
+
+@pytest.fixture(scope="module")
+def world():
+    return make_world()
 
 
 def as_predictions(gt, score=1.0):
@@ -269,6 +286,226 @@ def test_mask_iou_perturbed_matches_brute_force(world):
     assert r.values["IoU"] == pytest.approx(np.mean(per_inst), abs=1e-12)
     assert r.values["IoU_image"] == pytest.approx(np.mean(list(per_img.values())), abs=1e-12)
     assert 0 in [round(v, 9) for v in per_inst]  # the dropped instances count as 0
+
+
+# ---- edge cases found by mutation testing ----------------------------------------------------------------
+
+
+def small_gt(specs):
+    """specs: {image_id: (h, w, [(cat, x0, y0, x1, y1, iscrowd)])}; iscrowd None: the annotation has no such key."""
+    images, anns = [], []
+    for img_id, (h, w, boxes) in specs.items():
+        images.append({"id": img_id, "file_name": f"{img_id}.png", "height": h, "width": w})
+        for cat, x0, y0, x1, y1, crowd in boxes:
+            a = ann_from_mask(len(anns) + 1, img_id, cat, rect_mask(h, w, x0, y0, x1, y1), crowd or 0)
+            if crowd is None:
+                del a["iscrowd"]
+            anns.append(a)
+    return {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+
+
+def rect_pred(img_id, h, w, x0, y0, x1, y1, cat=1, score=0.9):
+    p = {"image_id": img_id, "category_id": cat, "bbox": [x0, y0, x1 - x0, y1 - y0],
+         "segmentation": rle(rect_mask(h, w, x0, y0, x1, y1))}
+    if score is not None:
+        p["score"] = score
+    return p
+
+
+def numpy_iou(a, b):
+    a, b = a.astype(bool), b.astype(bool)
+    return (a & b).sum() / (a | b).sum()
+
+
+def test_coco_ap_default_iou_type_details_and_summary(world):
+    gt, masks = world
+    res = perturbed(gt, masks)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        ref = pycocotools_stats(gt, res, "bbox")
+    lines = [line for line in printed.getvalue().splitlines() if "Average" in line]
+    r = coco_ap(gt, res)  # iou_type defaults to bbox
+    np.testing.assert_array_equal(np.array(r.details["stats"]), ref)
+    assert r.details["iou_type"] == "bbox" and r.details["n_results"] == len(res)
+    assert r.details["n_results_outside"] == 0 and r.details["n_images_without_results"] == 0
+    # the 12 "Average Precision/Recall" lines pycocotools prints, as it prints them
+    assert len(lines) == 12 and r.details["summary"] == "\n".join(lines)
+    assert r.details["summary"].splitlines()[0].endswith(f"= {ref[0]:0.3f}")
+    with pytest.raises(ValueError, match="iou_type must be 'bbox' or 'segm', got 'keypoints'"):
+        coco_ap(gt, res, "keypoints")
+
+def test_scores_read_json_files_and_leave_the_inputs_alone(tmp_path):
+    gt, masks = make_world()  # not the shared fixture: a test before this one may have written into it
+    res = perturbed(gt, masks)
+    gt_before, res_before = json.loads(json.dumps(gt)), json.loads(json.dumps(res))
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "predictions.json").write_text(json.dumps(res))
+    for iou_type in ("bbox", "segm"):
+        ref = pycocotools_stats(gt, res, iou_type)
+        from_files = coco_ap(str(tmp_path / "gt.json"), tmp_path / "predictions.json", iou_type)
+        np.testing.assert_array_equal(np.array(from_files.details["stats"]), ref)
+        assert from_files.details["n_results"] == len(res)
+        in_memory = coco_ap(gt, res, iou_type)  # COCOeval writes "ignore" (and RLEs) into the GT dicts it reads
+        np.testing.assert_array_equal(np.array(in_memory.details["stats"]), ref)
+    assert gt == gt_before and res == res_before
+    assert mask_iou(gt, str(tmp_path / "predictions.json")).values == mask_iou(gt, res).values
+
+
+def test_requested_ids_are_sorted_and_unique(world):
+    gt, masks = world
+    res = perturbed(gt, masks)
+    r = coco_ap(gt, res, "bbox", image_ids=[43, 3, 42, 3, 1])
+    assert r.n_evaluated == 2
+    assert r.skipped == [(42, "image id not in the GT json"), (43, "image id not in the GT json")]
+    r = mask_iou(gt, res, [3, 1, 3])
+    assert list(r.details["per_image"]) == [1, 3] and r.n_evaluated == 2
+
+
+def test_coco_ap_segm_needs_rle_masks(world):
+    """loadRes would silently turn a box-only result into a box-shaped polygon mask: segm AP refuses it."""
+    gt, _ = world
+    res = as_predictions(gt)
+    del res[1]["segmentation"]  # annotation 2, on image 1
+    with pytest.raises(ValueError, match=re.escape("1 results have no RLE 'segmentation' (first image ids: [1])")):
+        coco_ap(gt, res, "segm")
+    res = as_predictions(gt)
+    res[4]["segmentation"] = [[2.0, 2.0, 10.0, 2.0, 10.0, 10.0]]  # a polygon, not an RLE
+    with pytest.raises(ValueError, match="no RLE 'segmentation'"):
+        coco_ap(gt, res, "segm")
+    assert coco_ap(gt, res, "bbox").values["AP"] == pytest.approx(1.0)  # boxes need no mask
+
+
+def test_coco_ap_nothing_to_evaluate(world):
+    gt, masks = world
+    res = perturbed(gt, masks)
+    r = coco_ap(gt, res, "segm", image_ids=[42, 43])
+    assert list(r.values) == list(COCO_STATS)
+    assert all(isinstance(v, float) and math.isnan(v) for v in r.values.values())
+    assert r.n_evaluated == 0 and r.n_skipped == 2
+    assert r.skipped == [(42, "image id not in the GT json"), (43, "image id not in the GT json")]
+    assert r.details == {"iou_type": "segm", "n_results": 0, "n_results_outside": len(res),
+                         "n_images_without_results": 0, "note": "no image to evaluate"}
+
+
+def test_metric_result_summary_and_skip_count():
+    r = MetricResult({"AP": 0.5, "AR100": 1 / 3}, 3, 1, [(7, "gone")])
+    assert r.summary() == "AP=0.5000, AR100=0.3333 (n_evaluated=3, n_skipped=1)"
+    assert r["AR100"] == 1 / 3
+    with pytest.raises(ValueError, match=re.escape("n_skipped=2 but 1 skipped entries")):
+        MetricResult({}, 0, 2, [(7, "gone")])
+
+
+def test_mask_iou_counts_the_first_30_instances():
+    """31 disjoint 4x4 squares on one image; the only prediction is the 31st, beyond the default 30."""
+    boxes = [(1, (k % 8) * 5, (k // 8) * 5, (k % 8) * 5 + 4, (k // 8) * 5 + 4, 0) for k in range(31)]
+    gt = small_gt({1: (40, 40, boxes)})
+    _, x0, y0, x1, y1, _ = boxes[30]
+    res = [rect_pred(1, 40, 40, x0, y0, x1, y1)]
+    r = mask_iou(gt, res)
+    assert r.values == {"IoU": 0.0, "IoU_image": 0.0}
+    assert r.details["n_instances"] == 30 and r.details["max_instances"] == 30
+    r = mask_iou(gt, res, max_instances=31)
+    assert r.values["IoU"] == pytest.approx(1 / 31) and r.details["n_instances"] == 31
+
+
+def test_mask_iou_min_score_and_results_without_score():
+    gt = small_gt({1: (60, 60, [(1, 10, 10, 30, 30, 0)])})
+    exact = rect_pred(1, 60, 60, 10, 10, 30, 30, score=0.3)
+    shifted = rect_pred(1, 60, 60, 15, 10, 35, 30, score=0.5)
+    v = numpy_iou(rect_mask(60, 60, 10, 10, 30, 30), rect_mask(60, 60, 15, 10, 35, 30))
+    assert v == pytest.approx(0.6)  # 300 / 500
+    r = mask_iou(gt, [exact, shifted], min_score=0.3)  # a score equal to min_score counts
+    assert r.values["IoU"] == 1.0 and r.details["min_score"] == 0.3
+    r = mask_iou(gt, [exact, shifted], min_score=0.4)
+    assert r.values["IoU"] == pytest.approx(v) and r.details["min_score"] == 0.4
+    # a result without a score counts as score 1
+    no_score = rect_pred(1, 60, 60, 10, 10, 30, 30, score=None)
+    assert mask_iou(gt, [no_score]).values["IoU"] == 1.0
+    assert mask_iou(gt, [no_score], min_score=1.0).values["IoU"] == 1.0
+    assert mask_iou(gt, [no_score], min_score=1.5).values["IoU"] == 0.0
+
+
+def test_mask_iou_crowds_and_images_without_instances():
+    gt = small_gt({
+        1: (30, 30, [(1, 0, 0, 10, 10, 1)]),  # only a crowd: skipped, and the images after it still count
+        2: (30, 40, [(2, 5, 5, 25, 15, None)]),  # no "iscrowd" key: not a crowd
+        3: (40, 30, [(1, 0, 0, 30, 40, 1), (1, 2, 2, 12, 22, 0)]),
+    })
+    res = [rect_pred(2, 30, 40, 5, 5, 25, 15, cat=2), rect_pred(3, 40, 30, 2, 4, 12, 24)]
+    v = numpy_iou(rect_mask(40, 30, 2, 2, 12, 22), rect_mask(40, 30, 2, 4, 12, 24))
+    assert v == pytest.approx(180 / 220)
+    r = mask_iou(gt, res)
+    assert r.skipped == [(1, "no non-crowd GT instance")] and r.n_skipped == 1 and r.n_evaluated == 2
+    assert r.details["per_image"] == {2: 1.0, 3: pytest.approx(v)} and r.details["n_instances"] == 2
+    assert r.values["IoU"] == pytest.approx((1 + v) / 2) and r.values["IoU_image"] == pytest.approx((1 + v) / 2)
+    # no image with a scorable instance: NaN, and no numpy "mean of empty slice" warning on the way
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = mask_iou(gt, res, [1])
+    assert math.isnan(r.values["IoU"]) and math.isnan(r.values["IoU_image"])
+    assert r.n_evaluated == 0 and r.skipped == [(1, "no non-crowd GT instance")]
+
+
+def test_mask_iou_reads_what_the_detector_skipped(world):
+    gt, _ = world
+    rows = [p for p in as_predictions(gt) if p["image_id"] != 2]
+    preds = YoloPredictions(rows, image_ids=[1, 3], skipped=[(2, "file not found: gone.png")])
+    r = mask_iou(gt, preds)
+    assert r.skipped == [(2, "not predicted: file not found: gone.png")] and r.n_evaluated == 2
+    assert r.values["IoU"] == 1.0 and r.details["n_instances"] == 5
+
+
+def test_mask_iou_needs_rle_masks(world):
+    gt, _ = world
+    res = as_predictions(gt)
+    del res[0]["segmentation"]
+    with pytest.raises(ValueError, match="no RLE 'segmentation'"):
+        mask_iou(gt, res)
+
+
+def test_check_result_frames_rules_and_messages(world):
+    gt_dict, _ = world
+    gt = load_coco(gt_dict)
+    ok = as_predictions(gt_dict)
+    boxes_only = [{k: v for k, v in r.items() if k != "segmentation"} for r in ok]
+    assert check_result_frames(gt, boxes_only) is None  # masks are optional unless required
+    check_result_frames(gt, ok, require_segmentation=True)
+    alien = dict(ok[0], image_id=99, segmentation=rle(np.ones((5, 5), np.uint8)))  # not a GT image: not checked
+    wrong = dict(ok[0], segmentation=rle(np.ones((90, 60), np.uint8)))  # image 1 is 60 x 90 (h x w): transposed
+    msg = "1 result masks are not in their GT image frame (image 1: mask size [90, 60] vs GT [h, w] [60, 90])"
+    with pytest.raises(FrameMismatchError, match=re.escape(msg)):  # checking goes on after those two
+        check_result_frames(gt, [boxes_only[0], alien, wrong])
+    six = [dict(ok[0], segmentation=rle(np.ones((k, k), np.uint8))) for k in range(5, 11)]
+    with pytest.raises(FrameMismatchError) as e:
+        check_result_frames(gt, six)
+    assert str(e.value) == ("6 result masks are not in their GT image frame (" + "; ".join(
+        f"image 1: mask size [{k}, {k}] vs GT [h, w] [60, 90]" for k in range(5, 10)) + ")")  # the first five
+    missing = boxes_only[:6]  # annotations 1-6: images 1, 1, 1, 2, 2, 2
+    missing[5] = dict(ok[5], segmentation=[[2.0, 2.0, 10.0, 2.0, 10.0, 10.0]])  # a polygon is no RLE either
+    with pytest.raises(ValueError) as e:
+        check_result_frames(gt, missing, require_segmentation=True)
+    assert str(e.value) == ("6 results have no RLE 'segmentation' (first image ids: [1, 1, 1, 2, 2]); "
+                            "mask metrics need masks")
+
+
+def test_rle_area_and_bbox_any_length():
+    """More RLEs than one pycocotools call takes, and none at all; checked against numpy on the masks."""
+    rng = np.random.default_rng(1)
+    m = (rng.uniform(size=(260, 9, 7)) > 0.7).astype(np.uint8)
+    m[0] = 0
+    rles = [rle(x) for x in m]
+    area = rle_area(rles)
+    assert area.dtype == np.int64
+    np.testing.assert_array_equal(area, m.reshape(len(m), -1).sum(axis=1))
+    want = np.zeros((len(m), 4))
+    for k, x in enumerate(m):
+        ys, xs = np.nonzero(x)
+        if len(xs):
+            want[k] = [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+    np.testing.assert_array_equal(rle_bbox(rles), want)
+    empty = rle_area([])
+    assert empty.shape == (0,) and empty.dtype == np.int64
+    assert rle_bbox([]).shape == (0, 4)
 
 
 # ---- YOLO: offline, batched, geometry ------------------------------------------------------------------

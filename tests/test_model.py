@@ -7,7 +7,7 @@ from diffusers import UNet2DConditionModel
 from instdiff_lib.model.config import DropFlags, ModelConfig, get_config, sd15, tiny
 from instdiff_lib.model.unet import InstanceUNet, diffusers_unet_kwargs
 from instdiff_lib.model.skips import decoder_h_channels, fourier_filter
-from instdiff_lib.model.unifusion import FourierEmbedder, UniFusion
+from instdiff_lib.model.unifusion import ConvNeXtBlock, FourierEmbedder, UniFusion
 
 
 def _randomise_instance_params(m: InstanceUNet, seed=0):
@@ -223,3 +223,80 @@ def test_config_round_trip(tmp_path):
         ModelConfig(skip_mode="nope")
     with pytest.raises(FileNotFoundError, match="preset"):
         get_config("no-such-preset")
+
+
+# -----------------------------------------------------------------------------
+# UniFusion edge cases found by mutation testing (tests/MUTATION.md)
+
+
+def _random_grounding(cfg, batch: int = 2, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    n, s = cfg.n_slots, cfg.seg_input_size
+    return {"boxes": torch.rand(batch, n, 4, generator=g), "masks": torch.ones(batch, n),
+            "positive_embeddings": torch.randn(batch, n, cfg.in_dim, generator=g),
+            "scribbles": torch.rand(batch, n, 2 * cfg.n_scribble_points, generator=g),
+            "polygons": torch.rand(batch, n, 2 * cfg.n_polygon_points, generator=g),
+            "segs": (torch.rand(batch, n, s, s, generator=g) > 0.5).float(),
+            "points": torch.rand(batch, n, 2, generator=g)}
+
+
+def test_fourier_features_use_the_official_defaults_and_the_configs_temperature():
+    import dataclasses
+    import math
+
+    v = torch.tensor([[0.5, 0.25]], dtype=torch.float64)
+    # by hand: freq_k = 100^(k/16), k = 0..15; per k the sines of the 2 values, then their cosines
+    want = [f(100 ** (k / 16) * x) for k in range(16) for f in (math.sin, math.cos) for x in (0.5, 0.25)]
+    assert torch.allclose(FourierEmbedder()(v)[0], torch.tensor(want, dtype=torch.float64))
+    cfg = dataclasses.replace(tiny().unifusion, fourier_temperature=37.0)
+    got = UniFusion(cfg).fourier(v)[0]
+    want37 = [f(37.0 ** (k / cfg.fourier_freqs) * x) for k in range(cfg.fourier_freqs) for f in (math.sin, math.cos)
+              for x in (0.5, 0.25)]
+    assert torch.allclose(got, torch.tensor(want37, dtype=torch.float64))
+
+
+def test_convnext_block_starts_near_identity_and_normalises_with_eps_1e6():
+    torch.manual_seed(0)
+    block = ConvNeXtBlock(8)
+    x = torch.randn(2, 8, 5, 5)
+    assert (block(x) - x).abs().max() < 1e-4  # layer scale initialised at 1e-6: the residual branch is ~0
+    # channels of variance ~1e-6: eps = 1e-6 (ConvNeXt's) and torch's default 1e-5 give clearly different values
+    y = 1.0 + 1e-3 * torch.tensor([1.0, -1.0] * 4).repeat(3, 1)
+    ref = (y - y.mean(-1, keepdim=True)) / torch.sqrt(y.var(-1, unbiased=False, keepdim=True) + 1e-6)
+    assert torch.allclose(block.norm(y), ref, atol=1e-4)
+    assert not torch.allclose(block.norm(y), (y - 1.0) / (1e-6 + 1e-5) ** 0.5, atol=1e-2)
+
+
+def test_unifusion_forward_is_tokenize_with_the_same_arguments():
+    cfg = tiny().unifusion
+    torch.manual_seed(0)
+    uni = UniFusion(cfg).eval()
+    g = _random_grounding(cfg)
+    with torch.no_grad():
+        assert uni.drop == DropFlags()  # no drop flags given: the default ones
+        default = uni.tokenize(**g)
+        assert torch.equal(uni(**g), default)
+        assert torch.equal(uni.tokenize(**g, drop=DropFlags()), default)
+        box_only = DropFlags.preset("box")
+        dropped = uni(**g, drop=box_only)
+        assert torch.equal(dropped, uni.tokenize(**g, drop=box_only))
+        assert not torch.allclose(dropped, default)  # the flags reach tokenize
+        given = torch.randn(2, 3, cfg.out_dim)
+        assert uni(objs=given) is given
+
+
+def test_null_grounding_is_built_on_the_requested_device():
+    cfg = tiny().unifusion
+    g = UniFusion(cfg).null_grounding(3, device="meta", seg_size=8)
+    assert {k: (v.device.type, tuple(v.shape)) for k, v in g.items()} == {
+        "boxes": ("meta", (3, cfg.n_slots, 4)), "masks": ("meta", (3, cfg.n_slots)),
+        "positive_embeddings": ("meta", (3, cfg.n_slots, cfg.in_dim)),
+        "scribbles": ("meta", (3, cfg.n_slots, 2 * cfg.n_scribble_points)),
+        "polygons": ("meta", (3, cfg.n_slots, 2 * cfg.n_polygon_points)), "segs": ("meta", (3, cfg.n_slots, 8, 8)),
+        "points": ("meta", (3, cfg.n_slots, 2))}
+
+
+def test_seg_position_embedding_initialised_at_std_002():
+    torch.manual_seed(0)
+    pos = UniFusion(tiny().unifusion).pos_embedding.detach()  # 64 x 16 values: their sd is 0.02 within ~5%
+    assert 0.018 < float(pos.std()) < 0.022 and abs(float(pos.mean())) < 2e-3
