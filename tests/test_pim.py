@@ -398,3 +398,17 @@ def test_no_scorable_image_gives_nan_without_warnings():
         warnings.simplefilter("error")
         r = pim(gt, [], [1], mode="point")
     assert np.isnan(r.values["PiM"]) and r.n_evaluated == 0
+
+
+def test_unmatched_gt_counts_add_over_images_in_any_order():
+    """An image whose GT got too few predictions, then one with none: both images' unmatched GT are counted."""
+    h = w = 30
+    a, b = rect_mask(h, w, 2, 2, 10, 10), rect_mask(h, w, 15, 15, 25, 25)
+    gt = make_gt({1: (h, w, [(1, a, 0), (1, b, 0)]), 2: (h, w, [(1, a, 0), (1, b, 0)])})
+    r = pim(gt, [pred(1, a)], [1, 2], mode="point")  # image 1: b unmatched; image 2: no prediction at all
+    assert r.details["n_unmatched_gt"] == 1 + 2 and r.skipped == [(2, "no prediction")]
+
+
+def test_greedy_match_of_no_matrix_is_empty():
+    assert greedy_match(np.zeros(0)) == [] and greedy_match([]) == []
+    assert greedy_match(np.zeros((0, 3))) == [] and greedy_match(np.zeros((2, 0))) == []
