@@ -33,6 +33,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from instdiff_lib.bench import _sync, _timed, synthetic_layout
+from instdiff_lib.sampling.pipeline import resolve_drop
+
 COCO_MEAN_INSTANCES = 7.4  # COCO val2017 annotations per image, incl. crowd, capped at 30 (spec section 4.7)
 BATCHES = (2, 4, 8, 16, 32, 62)  # 62 = both guidance halves of 31 branches (30 instances)
 E2E_COUNTS = (1, 2, 4, 8, 16, 30)
@@ -45,11 +48,6 @@ class _Item:  # what generate_eval reads of a COCO item
     image_id: int
     file_name: str
     layout: Any
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def _peak_gib(dev: torch.device) -> float | None:
@@ -85,8 +83,6 @@ def predict_seconds(cost: dict, n_instances: int, steps: int, mis: float) -> flo
 
 def _layout(n: int, seed: int, size: int):
     """n instances with boxes and elliptical masks (every modality derivable), COCO-like phrases and a caption."""
-    from instdiff_lib.bench import synthetic_layout
-
     lay = synthetic_layout(n, size=size, seed=seed)
     words = ["person", "dog", "car", "chair", "cup", "bicycle", "horse", "bottle"]
     for i, inst in enumerate(lay.instances):
@@ -103,8 +99,6 @@ def _time_unet(unet, cfg, dev, dtype, batch: int, repeats: int) -> tuple[float, 
     t = torch.full((batch,), 500, device=dev)
     with torch.no_grad():
         null = unet.position_net.null_grounding(batch, device=dev, seg_size=1)
-        from instdiff_lib.sampling.pipeline import resolve_drop
-
         objs = unet.tokenize(null, resolve_drop(None)).to(dtype)
         unet(x, t, ctx, objs, 1)  # warm-up
         _sync(dev)
@@ -125,7 +119,6 @@ def run_protocol_bench(config: str = "sd15", model: str | None = None, device: s
                        images_per_setting: int = 12, out_dir: str | Path | None = None,
                        budget_s: float | None = None, log=print) -> dict:
     """The three measurements (module docstring). ``budget_s`` stops the end-to-end part early (what ran is kept)."""
-    from instdiff_lib.bench import _timed
     from instdiff_lib.evaluation.generation import generate_eval
     from instdiff_lib.sampling.pipeline import InstanceDiffusionPipeline
     from instdiff_lib.weights.checkpoint import build_components, load_any
