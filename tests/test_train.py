@@ -389,3 +389,58 @@ def test_a_learning_rate_decay_added_on_resume_equals_a_straight_run_with_it(tmp
     lrs = [lr_schedule(TrainConfig(steps=5, lr=1e-3, warmup_steps=1, **decay), k) for k in range(6)]
     assert lrs[:3] == [1e-3] * 3 and lrs[3] == pytest.approx(1e-3) and lrs[4] == pytest.approx(0.55e-3)
     assert lrs[5] == pytest.approx(1e-4)
+
+
+def test_p_drop_masks_changes_only_the_mask_coin():
+    """``p_drop_masks`` None is the official rule (the same flags, draw for draw); a higher value drops the masks
+    (box-only batches) that much more often, from the same random numbers, and leaves the other coins alone."""
+    def draws(**kw):
+        gen = torch.Generator().manual_seed(3)
+        return [sample_drop_flags(gen, **kw) for _ in range(20000)]
+
+    official, same, more = draws(), draws(p_drop_masks=0.1), draws(p_drop_masks=0.5)
+    assert official == same
+    n = len(more)
+    assert _within(sum(f.masks for f in official), n, 0.1 + 0.9 * 0.1)
+    assert _within(sum(f.masks for f in more), n, 0.1 + 0.9 * 0.5)  # point-only mode or the mask coin
+    # a batch whose masks stay under 0.5 kept them under 0.1 as well, with the same other flags
+    assert all(a == b for a, b in zip(official, more) if not b.masks)
+    # the box-only case (the box setting: boxes fed, masks not) is ~5x as frequent
+    box_only = [sum(f.masks and not f.boxes for f in fl) for fl in (official, more)]
+    assert box_only[1] > 4 * box_only[0], box_only
+    with pytest.raises(ValueError, match="p_drop_masks"):
+        TrainConfig(steps=1, p_drop_masks=1.5)
+
+
+def test_init_from_starts_at_an_exported_models_weights(tmp_path, data_dir, dataset):
+    from instdiff_lib.training.diffusion import Trainable
+    from instdiff_lib.weights.checkpoint import load_converted
+    from instdiff_lib.weights.embedded import models_dir
+
+    src = str(models_dir() / "shapes-mini")
+    tr = Trainer(_cfg(tmp_path, data_dir, steps=1, init_from=src, figure=None), data=dataset)
+    want = Trainable(load_converted(src)).state_dict()
+    got = tr.model.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == torch.float32 and torch.equal(got[k], want[k].float()), k
+    for k, v in tr.ema.items():  # the EMA starts there too
+        assert torch.equal(v, want[k].float()), k
+    scratch = Trainer(_cfg(tmp_path / "s", data_dir, steps=1), data=dataset)
+    assert not torch.equal(scratch.model.state_dict()["unet.unet.conv_in.weight"], got["unet.unet.conv_in.weight"])
+    summary = tr.run()
+    # the recipe is the chain: the source's own command, then this run's, reading the folder that command writes
+    made = json.loads((models_dir() / "shapes-mini" / "summary.json").read_text())
+    *prior, then = summary["reproduce"]
+    assert prior == (made["reproduce"] if isinstance(made["reproduce"], list) else [made["reproduce"]])
+    assert "--steps 1 " in then
+    assert f"--init-from {made['export']['dir']} " in then
+    manifest = json.loads((models_dir() / "shapes-mini" / "manifest.json").read_text())
+    assert summary["init_from"]["sha256"] == {k: m["sha256"] for k, m in manifest["files"].items()}
+    assert isinstance(scratch.reproduce(), str) and "--init-from" not in scratch.reproduce()
+    assert scratch._init_source() is None
+    other = get_config("shapes-mini").to_dict()
+    other["point_region"] = 0.2
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match=r"model config differs .*point_region"):
+        Trainer(_cfg(tmp_path / "t", data_dir, steps=1, init_from=src, model=str(tmp_path / "other.json")), data=dataset)

@@ -71,7 +71,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from instdiff_lib.weights.checkpoint import Components, build_components, save_converted
+from instdiff_lib.weights.checkpoint import Components, build_components, load_converted, save_converted
 from instdiff_lib.model.config import DropFlags, ModelConfig, get_config
 from instdiff_lib.fileio import atomic_write_text
 from instdiff_lib.layouts.layout import grounding_arrays
@@ -116,6 +116,7 @@ class TrainConfig:
     p_null_grounding: float = 0.1
     null_grounding_unit: str = "sample"  # "sample" (ours) or "batch" (official)
     p_drop_modality: float = 0.1
+    p_drop_masks: float | None = None  # masks (polygons + segs) dropped per batch; None: p_drop_modality (official)
     p_keep_point_only: float = 0.1
     p_keep_seg_only: float = 0.1
     p_drop_caption: float = 0.1
@@ -133,6 +134,7 @@ class TrainConfig:
     cache: bool = True  # cache the precomputed training set next to the split
     progress: bool = True
     resume: bool = False
+    init_from: str | None = None  # an exported model folder whose weights start the run (fine-tuning); None: scratch
 
     def __post_init__(self) -> None:
         if self.steps is None and self.minutes is None:
@@ -152,6 +154,8 @@ class TrainConfig:
         for name in ("p_null_grounding", "p_drop_modality", "p_keep_point_only", "p_keep_seg_only", "p_drop_caption"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.p_drop_masks is not None and not 0.0 <= self.p_drop_masks <= 1.0:
+            raise ValueError(f"p_drop_masks must be in [0, 1], got {self.p_drop_masks}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.null_grounding_unit not in NULL_UNITS:
@@ -333,11 +337,13 @@ class Trainable(nn.Module):
 
 
 def sample_drop_flags(gen: torch.Generator, p_drop: float = 0.1, p_point_only: float = 0.1,
-                      p_seg_only: float = 0.1) -> DropFlags:
+                      p_seg_only: float = 0.1, p_drop_masks: float | None = None) -> DropFlags:
     """One batch's modality drops, following the official ``reset_dropout_train`` (scribble-only, mask-only and
-    box-only modes have probability 0 there and are omitted; polygons and segs are one switch, ``masks``)."""
+    box-only modes have probability 0 there and are omitted; polygons and segs are one switch, ``masks``).
+    ``p_drop_masks`` replaces ``p_drop`` for the masks only (same random numbers: ``None`` is the official rule)."""
     u = torch.rand(6, generator=gen, dtype=torch.float64).tolist()
-    box, point, scribble, masks = (v < p_drop for v in u[:4])
+    box, point, scribble = (v < p_drop for v in u[:3])
+    masks = u[3] < (p_drop if p_drop_masks is None else p_drop_masks)
     if not masks:  # masks kept => boxes and points kept
         box = point = False
     if not box or not masks:
@@ -365,7 +371,7 @@ class StepNoise:
 def step_noise(cfg: TrainConfig, model_cfg: ModelConfig, step: int, batch_size: int | None = None) -> StepNoise:
     B = batch_size or cfg.batch_size
     gen = torch.Generator().manual_seed(_seed_of(cfg.seed, 1, step))
-    drop = sample_drop_flags(gen, cfg.p_drop_modality, cfg.p_keep_point_only, cfg.p_keep_seg_only)
+    drop = sample_drop_flags(gen, cfg.p_drop_modality, cfg.p_keep_point_only, cfg.p_keep_seg_only, cfg.p_drop_masks)
     if cfg.null_grounding_unit == "batch":
         null = (torch.rand(1, generator=gen, dtype=torch.float64) < cfg.p_null_grounding).expand(B).clone()
     else:
@@ -541,6 +547,8 @@ class Trainer:
             with torch.no_grad():
                 f.alpha_attn.fill_(cfg.fuser_gate_init)
                 f.alpha_dense.fill_(cfg.fuser_gate_init)
+        if cfg.init_from:
+            self._init_from(cfg.init_from)
         self.device = torch.device(cfg.device)
         self.model = Trainable(self.comp).train().requires_grad_(True).to(self.device)
         self.comp.vae.to(self.device)
@@ -559,6 +567,15 @@ class Trainer:
             self.load_state()
         elif self.csv_path.exists():
             self.csv_path.unlink()  # a fresh run: no rows of an earlier one
+
+    def _init_from(self, folder: str) -> None:
+        """Start from an exported model's weights (all of them, strictly; its config must be this run's)."""
+        src = load_converted(folder)
+        if src.cfg.to_dict() != self.model_cfg.to_dict():
+            diff = sorted(k for k, v in src.cfg.to_dict().items() if self.model_cfg.to_dict().get(k) != v)
+            raise ValueError(f"--init-from {folder}: its model config differs from {self.cfg.model!r} in {diff}")
+        sd = {n: v.float() for n, v in Trainable(src).state_dict().items()}
+        Trainable(self.comp).load_state_dict(sd, strict=True)
 
     # ---- pieces ---------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -702,6 +719,39 @@ class Trainer:
                 "bytes": sum(m["bytes"] for m in manifest["files"].values()),
                 "files": {k: m["bytes"] for k, m in manifest["files"].items()}, "label": comp.label}
 
+    def reproduce(self) -> str | list[str]:
+        """The command(s) that remake this run's weights: for a fine-tuning run (``init_from``), the commands of the
+        model it started from (from that folder's ``summary.json``, when it has one) and then this run's, reading
+        the folder the earlier command writes."""
+        cfg = self.cfg
+        src = self._init_source() or {}
+        cmd = (f"instdiff train shapes --out {cfg.out_dir} --steps {self.step} --seed {cfg.seed} "
+               f"--batch-size {cfg.batch_size} --n-images {cfg.n_train_images} --data-seed {cfg.data_seed}"
+               + (f" --lr {cfg.lr:g}" if cfg.lr != TrainConfig.lr else "")
+               + (f" --lr-decay-start {cfg.lr_decay_start} --lr-decay-steps {cfg.lr_decay_steps}"
+                  if cfg.lr_decay_start is not None else "")
+               + (f" --p-drop-masks {cfg.p_drop_masks:g}" if cfg.p_drop_masks is not None else "")
+               + (f" --init-from {src.get('made_in') or cfg.init_from}" if cfg.init_from else "")
+               + f" --threads {torch.get_num_threads()}")
+        prior = src.get("reproduce")
+        if prior is None:
+            return cmd
+        return [*(prior if isinstance(prior, list) else [prior]), cmd]
+
+    def _init_source(self) -> dict | None:
+        """What a fine-tuning run started from: the folder, its weights' sha256 and, when the folder holds the
+        summary of the run that made it, that run's folder (``made_in``) and command(s)."""
+        if not self.cfg.init_from:
+            return None
+        folder = Path(self.cfg.init_from)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        out = {"dir": str(folder), "sha256": {k: m["sha256"] for k, m in manifest["files"].items()}}
+        if (folder / "summary.json").exists():
+            made = json.loads((folder / "summary.json").read_text())
+            out.update(made_in=made.get("export", {}).get("dir"), steps=made.get("steps"),
+                       reproduce=made.get("reproduce"))
+        return out
+
     def plot(self) -> Path | None:
         if not self.cfg.figure:
             return None
@@ -823,10 +873,8 @@ class Trainer:
             "steps_per_s": round((self.step - start_step) / session_s, 4) if session_s > 0 else None,
             "elapsed_s": round(self.elapsed_s, 2), "threads": torch.get_num_threads(),
             "n_params": self.n_params(), "final_loss": round(float(np.mean(tail)), 6) if tail else None,
-            "reproduce": f"instdiff train shapes --out {cfg.out_dir} --steps {self.step} --seed {cfg.seed} "
-                         f"--batch-size {cfg.batch_size} --n-images {cfg.n_train_images} --data-seed {cfg.data_seed}"
-                         + (f" --lr-decay-start {cfg.lr_decay_start} --lr-decay-steps {cfg.lr_decay_steps}"
-                            if cfg.lr_decay_start is not None else "") + f" --threads {torch.get_num_threads()}",
+            "reproduce": self.reproduce(),
+            "init_from": self._init_source(),
             "export": export, "state": str(self.state_path), "loss_csv": str(self.csv_path),
             "figure": str(figure) if figure else None, "train_config": cfg.to_dict(),
         }
@@ -847,7 +895,8 @@ def _cmd_train_shapes(args: argparse.Namespace) -> int:
                       steps=args.steps, minutes=args.minutes, ema_decay=args.ema_decay, ckpt_every=args.ckpt_every,
                       log_every=args.log_every, gap_every=args.gap_every, seed=args.seed, figure=args.figure or None,
                       export_dtype=args.export_dtype, threads=args.threads, progress=not args.no_progress,
-                      resume=args.resume, device=args.device)
+                      resume=args.resume, device=args.device, p_drop_masks=args.p_drop_masks,
+                      init_from=args.init_from)
     summary = train_shapes(cfg)
     print(json.dumps({k: v for k, v in summary.items() if k != "train_config"}, indent=2))
     return 0
@@ -887,6 +936,11 @@ def add_train_parser(subparsers):
     s.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     s.add_argument("--device", default=d.device,
                    help="torch device (the committed model: cpu; cuda for recipe sweeps, not bit-equal to cpu)")
+    s.add_argument("--p-drop-masks", type=float, default=d.p_drop_masks,
+                   help="probability of dropping the masks in a batch (default: the official 0.1 of every modality); "
+                        "higher trains the box-only case (shape from the instance's text) more often")
+    s.add_argument("--init-from", default=d.init_from,
+                   help="exported model folder whose weights start the run (fine-tuning; default: from scratch)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_cmd_train_shapes)
     return tsub
