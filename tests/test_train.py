@@ -444,3 +444,35 @@ def test_init_from_starts_at_an_exported_models_weights(tmp_path, data_dir, data
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match=r"model config differs .*point_region"):
         Trainer(_cfg(tmp_path / "t", data_dir, steps=1, init_from=src, model=str(tmp_path / "other.json")), data=dataset)
+
+
+def test_pyramid_noise_is_unit_variance_low_frequency_in_pixel_space(tmp_path, data_dir):
+    import torch.nn.functional as F
+
+    from instdiff_lib.training.diffusion import pyramid_noise
+
+    mcfg = get_config("shapes-mini")
+    white = step_noise(_cfg(tmp_path, data_dir, batch_size=8), mcfg, 7)
+    pyr = step_noise(_cfg(tmp_path, data_dir, batch_size=8, pyramid_noise=0.6), mcfg, 7)
+    # the other randomness of the step is unchanged (the coarse draws come after it)
+    assert torch.equal(white.t, pyr.t) and torch.equal(white.null, pyr.null) and white.drop == pyr.drop
+    assert not torch.equal(white.noise, pyr.noise) and pyr.noise.shape == white.noise.shape
+    std = pyr.noise.flatten(1).std(dim=1)
+    torch.testing.assert_close(std, torch.ones(8), atol=1e-5, rtol=0)
+
+    def block_std(z, k):  # std of k x k pixel-block means of the unfolded (pixel space) noise
+        return float(F.avg_pool2d(F.pixel_shuffle(z, 2), k).std())
+
+    # white noise: block means shrink as 1/k; the pyramid keeps shape-sized (16 px) structure ~4x stronger
+    assert abs(block_std(white.noise, 16) - 1 / 16) < 0.02
+    assert block_std(pyr.noise, 16) > 3 * block_std(white.noise, 16)
+    # the coarse draws are shared by the 4 sub-pixel channels of a colour: low-frequency in pixel space, not a
+    # 2 x 2 checkerboard (group=1 gives each latent channel its own, which cancels out in pixel blocks)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(8, 12, 32, 32, generator=g)
+    shared = pyramid_noise(z, torch.Generator().manual_seed(1), 0.6, group=4)
+    own = pyramid_noise(z, torch.Generator().manual_seed(1), 0.6, group=1)
+    assert block_std(shared, 16) > 1.6 * block_std(own, 16)
+    assert torch.equal(pyramid_noise(z, torch.Generator().manual_seed(1), 0.6, 4), shared)  # deterministic
+    with pytest.raises(ValueError, match="pyramid_noise"):
+        TrainConfig(steps=1, pyramid_noise=1.0)

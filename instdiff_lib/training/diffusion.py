@@ -121,6 +121,7 @@ class TrainConfig:
     p_keep_seg_only: float = 0.1
     p_drop_caption: float = 0.1
     fuser_gate_init: float = 1.0
+    pyramid_noise: float = 0.0  # discount d of multi-resolution training noise (0: white noise, the official rule)
     grad_clip: float = 1.0
     ckpt_every: int = 250
     log_every: int = 10
@@ -154,6 +155,8 @@ class TrainConfig:
         for name in ("p_null_grounding", "p_drop_modality", "p_keep_point_only", "p_keep_seg_only", "p_drop_caption"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.pyramid_noise < 1.0:
+            raise ValueError(f"pyramid_noise must be in [0, 1), got {self.pyramid_noise}")
         if self.p_drop_masks is not None and not 0.0 <= self.p_drop_masks <= 1.0:
             raise ValueError(f"p_drop_masks must be in [0, 1], got {self.p_drop_masks}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -381,7 +384,31 @@ def step_noise(cfg: TrainConfig, model_cfg: ModelConfig, step: int, batch_size: 
     t = torch.randint(0, T, (B,), generator=gen)
     u = model_cfg.unet
     noise = torch.randn(B, u.in_channels, u.sample_size, u.sample_size, generator=gen)
+    if cfg.pyramid_noise:
+        noise = pyramid_noise(noise, gen, cfg.pyramid_noise, group=u.in_channels // 3)
     return StepNoise(t, noise, null, drop_caption, drop)
+
+
+def pyramid_noise(noise: torch.Tensor, gen: torch.Generator, discount: float, group: int) -> torch.Tensor:
+    """White latent noise [B, C, H, W] plus ``discount**i`` times noise drawn at 1/2**i of the resolution (i = 1 ...
+    down to 1 x 1, bilinearly upsampled), rescaled to unit variance per sample: the "multi-resolution" (pyramid)
+    noise of later diffusion practice, not the paper's. At the schedule's top timestep (t = 961 for 25 steps) a 64 px
+    image keeps sqrt(alphas_cumprod) ~ 0.07 of its signal, which at the scale of a whole shape is comparable to white
+    noise averaged over the shape: a model trained on white noise reads the coarse structure of x_T as image, so its
+    shapes follow the noise. With coarse noise in training that structure is unreliable and must come from the layout.
+
+    The coarse draws are per *image* channel: ``group`` consecutive latent channels (the 2 x 2 sub-pixels of one
+    colour under the space-to-depth fold) share them, so the added noise is low-frequency in pixel space too."""
+    B, C, H, W = noise.shape
+    out = noise.clone()
+    level, h, w = 1, H // 2, W // 2
+    while h >= 1 and w >= 1:
+        coarse = torch.randn(B, C // group, h, w, generator=gen)
+        up = F.interpolate(coarse, size=(H, W), mode="bilinear", align_corners=False) if (h, w) != (1, 1) else \
+            coarse.expand(B, C // group, H, W)
+        out = out + discount ** level * up.repeat_interleave(group, dim=1)
+        level, h, w = level + 1, h // 2, w // 2
+    return out / out.flatten(1).std(dim=1).view(B, 1, 1, 1)
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
@@ -731,6 +758,7 @@ class Trainer:
                + (f" --lr-decay-start {cfg.lr_decay_start} --lr-decay-steps {cfg.lr_decay_steps}"
                   if cfg.lr_decay_start is not None else "")
                + (f" --p-drop-masks {cfg.p_drop_masks:g}" if cfg.p_drop_masks is not None else "")
+               + (f" --pyramid-noise {cfg.pyramid_noise:g}" if cfg.pyramid_noise else "")
                + (f" --init-from {src.get('made_in') or cfg.init_from}" if cfg.init_from else "")
                + f" --threads {torch.get_num_threads()}")
         prior = src.get("reproduce")
@@ -896,7 +924,7 @@ def _cmd_train_shapes(args: argparse.Namespace) -> int:
                       log_every=args.log_every, gap_every=args.gap_every, seed=args.seed, figure=args.figure or None,
                       export_dtype=args.export_dtype, threads=args.threads, progress=not args.no_progress,
                       resume=args.resume, device=args.device, p_drop_masks=args.p_drop_masks,
-                      init_from=args.init_from)
+                      init_from=args.init_from, pyramid_noise=args.pyramid_noise)
     summary = train_shapes(cfg)
     print(json.dumps({k: v for k, v in summary.items() if k != "train_config"}, indent=2))
     return 0
@@ -939,6 +967,8 @@ def add_train_parser(subparsers):
     s.add_argument("--p-drop-masks", type=float, default=d.p_drop_masks,
                    help="probability of dropping the masks in a batch (default: the official 0.1 of every modality); "
                         "higher trains the box-only case (shape from the instance's text) more often")
+    s.add_argument("--pyramid-noise", type=float, default=d.pyramid_noise,
+                   help="discount of multi-resolution training noise (0: white, official; e.g. 0.6)")
     s.add_argument("--init-from", default=d.init_from,
                    help="exported model folder whose weights start the run (fine-tuning; default: from scratch)")
     s.add_argument("--no-progress", action="store_true")
