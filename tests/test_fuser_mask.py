@@ -193,3 +193,79 @@ def test_regions_survive_a_dtype_and_batch_round_trip():
     assert not km[:, :, 64 + 2:64 + 30].any()  # padded box slots never
     assert km.any(-1).all()  # no attention row fully masked
     assert F.adaptive_max_pool2d(r.float(), (8, 8)).flatten(2).transpose(1, 2).bool().equal(km[:, :, 64:64 + 30])
+
+
+# ---- edge cases found by mutation testing (tests/MUTATION.md) ------------------------------------------------
+def test_rect_cells_at_the_edges_of_the_grid():
+    """Every rectangle covers at least one cell, including one that starts on the right or bottom edge, and a
+    rectangle inside the first cell covers that cell only."""
+    from instdiff_lib.model.fuser_mask import _rect_cells
+
+    def cells(x0, y0, x1, y1, H=8, W=8):
+        r = _rect_cells(*(torch.tensor(v) for v in (x0, y0, x1, y1)), H, W)
+        return sorted(map(tuple, r.nonzero().tolist()))
+
+    assert cells(1.0, 1.0, 1.0, 1.0) == [(7, 7)]  # a point on the bottom-right corner: the last cell
+    assert cells(1.0, 0.0, 1.0, 0.05) == [(0, 7)]
+    assert cells(0.0, 0.0, 0.1, 0.1) == [(0, 0)]  # inside the first cell (0.1 * 8 < 1): one cell
+    assert cells(0.0, 0.0, 0.0, 0.0) == [(0, 0)]
+    assert cells(0.5, 0.25, 0.75, 0.5, H=4, W=8) == [(1, 4), (1, 5)]  # a non-square grid: rows of H, columns of W
+
+
+def test_regions_on_a_non_square_grid_and_on_the_inputs_device():
+    g = _grounding()
+    g["masks"][0, 0] = 1
+    g["boxes"][0, 0] = torch.tensor([0.5, 0.0, 1.0, 0.5])
+    r = instance_regions(g, DropFlags.preset("box"), (4, 8), 0.1)
+    assert r.shape == (1, 3, 4, 8)
+    want = torch.zeros(4, 8, dtype=torch.bool)
+    want[0:2, 4:8] = True
+    assert torch.equal(r[0, 0], want)
+    # built on the device of the grounding (the meta device stands in for a GPU here)
+    meta = {k: v.to("meta") for k, v in g.items()}
+    r_meta = instance_regions(meta, DropFlags.preset("mask"), (8, 8), 0.1)
+    assert r_meta.device.type == "meta"
+    km = MaskedTokens(torch.zeros(1, 4 * 3 + 5, 8, device="meta"), r_meta, 5).key_mask(16)
+    assert km.device.type == "meta" and km.shape == (1, 16, 16 + 17)
+
+
+def test_everything_dropped_keeps_the_boxes_region():
+    g = _grounding()
+    g["masks"][0, 0] = 1
+    g["boxes"][0, 0] = torch.tensor([0.0, 0.0, 0.5, 0.5])
+    nothing = DropFlags(boxes=True, points=True, scribbles=True, masks=True)
+    r = instance_regions(g, nothing, (4, 4), 0.1)[0, 0]
+    assert torch.equal(r, instance_regions(g, DropFlags.preset("box"), (4, 4), 0.1)[0, 0])
+    assert r.sum() == 4 and r[:2, :2].all()  # the box, not the whole image
+
+
+def test_each_slot_falls_back_on_its_own():
+    """Masks fed but one instance has an empty mask: that one uses its box while the other keeps its mask.
+    Scribbles fed but one instance has none: that one uses its point. Presence is per slot, never global."""
+    g = _grounding(seg=16)
+    g["masks"][0, :2] = 1
+    g["boxes"][0, 0] = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    g["boxes"][0, 1] = torch.tensor([0.5, 0.5, 1.0, 1.0])
+    g["segs"][0, 0, 0:4, 0:4] = 1  # slot 0: a mask in the top-left corner; slot 1: no mask pixels
+    r = instance_regions(g, DropFlags.preset("mask"), (4, 4), 0.1)[0]
+    assert r[0].sum() == 1 and r[0, 0, 0]
+    assert r[1].sum() == 4 and r[1, 2:, 2:].all()  # its box
+    s = _grounding()
+    s["masks"][0, :2] = 1
+    # slot 0: a scribble near the top-left corner whose coordinates sum to less than 1; slot 1: none, a point
+    s["scribbles"][0, 0] = torch.tensor([[0.01, 0.02]] * 20).flatten()
+    s["points"][0, 1] = torch.tensor([0.85, 0.85])
+    flags = DropFlags(boxes=True, points=False, scribbles=False, masks=True)
+    r = instance_regions(s, flags, (10, 10), 0.1)[0]
+    assert r[0].sum() == 1 and r[0, 0, 0]  # its scribble's bounding box
+    rows, cols = r[1].nonzero().T
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (7, 9, 7, 9)  # its point's square [0.75, 0.95]
+
+
+def test_key_mask_is_built_once_per_grid_and_names_a_mismatch():
+    regions = torch.ones(2, 3, 4, 4, dtype=torch.bool)
+    mt = MaskedTokens(torch.zeros(2, 4 * 3 + 5, 8), regions, 5)
+    assert mt.key_mask(16) is mt.key_mask(16)  # cached: once per UNet call and grid, not per fuser
+    assert mt.key_mask(4) is not mt.key_mask(16)
+    with pytest.raises(ValueError, match="fuser grid of 15 cells does not match the 4x4 region grid"):
+        mt.key_mask(15)
