@@ -254,6 +254,7 @@ def test_each_slot_falls_back_on_its_own():
     s["masks"][0, :2] = 1
     # slot 0: a scribble near the top-left corner whose coordinates sum to less than 1; slot 1: none, a point
     s["scribbles"][0, 0] = torch.tensor([[0.01, 0.02]] * 20).flatten()
+    s["points"][0, 0] = torch.tensor([0.5, 0.5])  # its point is elsewhere: the scribble, not the point, decides
     s["points"][0, 1] = torch.tensor([0.85, 0.85])
     flags = DropFlags(boxes=True, points=False, scribbles=False, masks=True)
     r = instance_regions(s, flags, (10, 10), 0.1)[0]
@@ -269,3 +270,31 @@ def test_key_mask_is_built_once_per_grid_and_names_a_mismatch():
     assert mt.key_mask(4) is not mt.key_mask(16)
     with pytest.raises(ValueError, match="fuser grid of 15 cells does not match the 4x4 region grid"):
         mt.key_mask(15)
+    bad = MaskedTokens(torch.zeros(2, 4 * 3 + 6, 8), regions, 5)  # one token too many
+    with pytest.raises(ValueError, match=r"^18 object tokens do not fit 3 slots \+ 5 seg$"):
+        bad.key_mask(16)
+
+
+def test_a_seg_raster_of_one_cell_is_the_no_mask_placeholder():
+    """The null grounding's 1 x 1 seg raster means "no masks": the region falls back to the box even where that
+    cell is set; a 2 x 2 raster is a real (coarse) mask."""
+    g = _grounding(seg=1)
+    g["masks"][0, 0] = 1
+    g["boxes"][0, 0] = torch.tensor([0.0, 0.0, 0.5, 0.5])
+    g["segs"][0, 0] = 1
+    r = instance_regions(g, DropFlags.preset("mask"), (4, 4), 0.1)[0, 0]
+    assert r.sum() == 4 and r[:2, :2].all()  # the box
+    g2 = _grounding(seg=2)
+    g2["masks"][0, 0] = 1
+    g2["boxes"][0, 0] = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    g2["segs"][0, 0, 1, 1] = 1  # the bottom-right quadrant
+    r2 = instance_regions(g2, DropFlags.preset("mask"), (4, 4), 0.1)[0, 0]
+    assert r2.sum() == 4 and r2[2:, 2:].all()
+
+
+def test_masked_fuser_refuses_bare_tokens_with_a_clear_message():
+    f = _fuser()
+    f.__class__ = InstanceMaskedFuser
+    with pytest.raises(TypeError, match=r"^instance-masked fusers need MaskedTokens \(tokens and regions\), not bare "
+                                        r"tokens$"):
+        f(torch.randn(1, 16, 16), torch.randn(1, 17, 8))

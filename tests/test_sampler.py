@@ -145,3 +145,23 @@ def test_drop_flags_reach_the_tokens(model, setup):
     a = run(model, setup, steps=3, mis=0.0, drop=DropFlags.preset("mask"))
     b = run(model, setup, steps=3, mis=0.0, drop=DropFlags.preset("point"))
     assert (a - b).abs().max() > 1e-4
+
+
+def test_official_order_uses_the_given_drop_flags_and_the_latents_dtype(model, setup):
+    """The official-order path tokenizes with the drop flags it is given (not the model's default) and feeds tokens
+    in the latents' dtype, as the batched path does (found by mutation testing)."""
+    point = DropFlags.preset("point")
+    assert point != model.position_net.drop
+    a = run(model, setup, steps=2, mis=0.0, drop=point, batched=True)
+    b = run(model, setup, steps=2, mis=0.0, drop=point, batched=False)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+    c = run(model, setup, steps=2, mis=0.0, batched=False)  # the model's own flags: a different result
+    assert (b - c).abs().max() > 1e-4
+    full, insts, uc, x_T = setup
+    m16 = InstanceUNet(model.cfg).eval()
+    m16.load_state_dict(model.state_dict())
+    m16.to(torch.bfloat16)
+    bf = [Branch(br.context.to(torch.bfloat16), br.grounding) for br in (full, *insts)]
+    out = Sampler(m16).sample(x_T.to(torch.bfloat16), bf, uc.to(torch.bfloat16), steps=1, mis=0.0, batched=False,
+                              progress=False)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()

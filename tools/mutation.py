@@ -53,7 +53,9 @@ TARGETS: dict[str, Target] = {
     "derive": Target(["instdiff_lib/layouts/derive.py"], ["tests/test_derive.py"]),
     "keymap": Target(["instdiff_lib/weights/keymap.py"], ["tests/test_keymap.py"]),
     "unifusion": Target(["instdiff_lib/model/unifusion.py"], ["tests/test_model.py", "tests/test_parity.py"]),
-    "sampler": Target(["instdiff_lib/sampling/sampler.py"], ["tests/test_sampler.py", "tests/test_parity.py"]),
+    # test_fuser_mask: the only sampler runs of an instance-masked model (the regions of every path)
+    "sampler": Target(["instdiff_lib/sampling/sampler.py"],
+                      ["tests/test_sampler.py", "tests/test_parity.py", "tests/test_fuser_mask.py"]),
     # the instance-masked fusers (shapes-mini): the official configs never call them, so not the parity tests
     "fuser_mask": Target(["instdiff_lib/model/fuser_mask.py"], ["tests/test_fuser_mask.py", "tests/test_sampler.py"]),
 }
