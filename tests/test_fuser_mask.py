@@ -179,6 +179,12 @@ def test_masked_sampler_batched_equals_the_official_order_with_mis():
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
     assert one["masks"].shape == g["masks"].shape
+    # points only: regions are the points' squares, not the boxes, in the official order too (not the model's flags)
+    kw["drop"] = DropFlags.preset("point")
+    p_b = s.sample(x_T, branches(), uc, batched=True, **kw)
+    p_r = s.sample(x_T, branches(), uc, batched=False, **kw)
+    torch.testing.assert_close(p_b, p_r, rtol=1e-4, atol=1e-4)
+    assert (p_b - a).abs().max() > 1e-3
 
 
 def test_regions_survive_a_dtype_and_batch_round_trip():

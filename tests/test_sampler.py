@@ -148,8 +148,8 @@ def test_drop_flags_reach_the_tokens(model, setup):
 
 
 def test_official_order_uses_the_given_drop_flags_and_the_latents_dtype(model, setup):
-    """The official-order path tokenizes with the drop flags it is given (not the model's default) and feeds tokens
-    in the latents' dtype, as the batched path does (found by mutation testing)."""
+    """The official-order path tokenizes with the drop flags it is given (not the model's default), as the batched
+    path does, and runs in bf16 (found by mutation testing)."""
     point = DropFlags.preset("point")
     assert point != model.position_net.drop
     a = run(model, setup, steps=2, mis=0.0, drop=point, batched=True)
