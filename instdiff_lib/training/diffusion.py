@@ -574,7 +574,7 @@ class Trainer:
             with torch.no_grad():
                 f.alpha_attn.fill_(cfg.fuser_gate_init)
                 f.alpha_dense.fill_(cfg.fuser_gate_init)
-        if cfg.init_from:
+        if cfg.init_from and not (cfg.resume and self.state_path.exists()):  # a resumed run has its own weights
             self._init_from(cfg.init_from)
         self.device = torch.device(cfg.device)
         self.model = Trainable(self.comp).train().requires_grad_(True).to(self.device)
