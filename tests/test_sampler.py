@@ -62,12 +62,37 @@ def test_schedule_is_ldm_uniform():
     assert s.timesteps[0] == 1 and s.timesteps[-1] == 981 and len(s) == 50
 
 
-def test_plms_equals_diffusers_pndm_skip_prk(model, setup):
-    """Our PLMS (official update rules) vs diffusers' PNDMScheduler(skip_prk_steps) driving the same guided model."""
-    full, _, uc, x_T = setup
+@pytest.mark.parametrize("beta_schedule,b0,b1", [("scaled_linear", 0.00085, 0.012), ("linear", 1e-4, 0.02)])
+def test_alphas_cumprod_equal_diffusers(beta_schedule, b0, b1):
+    from diffusers import DDPMScheduler
+
+    from instdiff_lib.model.config import ScheduleConfig
+    from instdiff_lib.sampling.sampler import alphas_cumprod
+
+    cfg = ScheduleConfig(beta_start=b0, beta_end=b1, beta_schedule=beta_schedule)
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_start=b0, beta_end=b1, beta_schedule=beta_schedule)
+    torch.testing.assert_close(alphas_cumprod(cfg), ref.alphas_cumprod, atol=1e-6, rtol=0)  # theirs: float32 betas
+    other = ScheduleConfig(beta_start=b0, beta_end=b1,
+                           beta_schedule={"linear": "scaled_linear", "scaled_linear": "linear"}[beta_schedule])
+    assert (alphas_cumprod(other) - alphas_cumprod(cfg)).abs().max() > 0.05
+    with pytest.raises(ValueError, match="beta_schedule must be one of"):
+        ScheduleConfig(beta_schedule="cosine")
+    with pytest.raises(ValueError, match="beta_start <= beta_end"):
+        ScheduleConfig(beta_start=0.02, beta_end=0.01)
+
+
+@pytest.mark.parametrize("beta_schedule,b0,b1", [("scaled_linear", 0.00085, 0.012), ("linear", 1e-4, 0.02)])
+def test_plms_equals_diffusers_pndm_skip_prk(model, setup, beta_schedule, b0, b1):
+    """Our PLMS (official update rules) vs diffusers' PNDMScheduler(skip_prk_steps) driving the same guided model,
+    on SD's schedule (the official one) and on DDPM's linear betas (a model config may name either)."""
+    import dataclasses
+
+    full, insts, uc, x_T = setup
     steps, g = 6, 7.5
-    ours = run(model, setup, steps=steps, guidance=g, alpha=1.0, mis=0.0)
-    sched = PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    schedule = dataclasses.replace(model.cfg.schedule, beta_schedule=beta_schedule, beta_start=b0, beta_end=b1)
+    ours = Sampler(model, schedule).sample(x_T, [full, *insts], uc, steps=steps, guidance=g, alpha=1.0, mis=0.0,
+                                           progress=False)
+    sched = PNDMScheduler(num_train_timesteps=1000, beta_start=b0, beta_end=b1, beta_schedule=beta_schedule,
                           skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
     sched.set_timesteps(steps)
     objs = model.tokenize(full.grounding)

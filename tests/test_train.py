@@ -446,6 +446,43 @@ def test_init_from_starts_at_an_exported_models_weights(tmp_path, data_dir, data
         Trainer(_cfg(tmp_path / "t", data_dir, steps=1, init_from=src, model=str(tmp_path / "other.json")), data=dataset)
 
 
+def test_a_run_may_move_a_model_onto_another_noise_schedule(tmp_path, data_dir, dataset):
+    from instdiff_lib.model.config import ModelConfig
+    from instdiff_lib.sampling.sampler import alphas_cumprod
+    from instdiff_lib.weights.checkpoint import load_converted
+    from instdiff_lib.weights.embedded import models_dir
+
+    src = models_dir() / "shapes-mini"
+    cfg = _cfg(tmp_path, data_dir, steps=1, init_from=str(src), figure=None, beta_schedule="linear",
+               beta_start=1e-4, beta_end=0.02)
+    tr = Trainer(cfg, data=dataset)
+    sched = tr.model_cfg.schedule
+    assert (sched.beta_schedule, sched.beta_start, sched.beta_end) == ("linear", 1e-4, 0.02)
+    assert sched.prediction_type == get_config("shapes-mini").schedule.prediction_type  # the rest is the preset's
+    assert torch.equal(tr.acp, alphas_cumprod(sched))
+    assert tr.acp[960].sqrt() < 0.01 < 0.08 < alphas_cumprod(get_config("shapes-mini").schedule)[960].sqrt()
+    summary = tr.run()
+    assert load_converted(cfg.out_dir).cfg.schedule == sched  # the sampler reads the exported config's schedule
+    source = dataclasses.asdict(ModelConfig.load(src / "model_config.json").schedule)
+    assert summary["init_from"]["schedule"] == source and source != dataclasses.asdict(sched)
+    assert " --beta-schedule linear --beta-start 0.0001 --beta-end 0.02 " in summary["reproduce"][-1]
+    same = Trainer(_cfg(tmp_path / "same", data_dir, steps=1, init_from=str(src), figure=None), data=dataset)
+    assert "schedule" not in same._init_source() and "--beta" not in same.reproduce()[-1]
+    # configs written before the field existed read as SD's schedule
+    old = get_config("shapes-mini").to_dict()
+    del old["schedule"]["beta_schedule"]
+    assert ModelConfig.from_dict(old).schedule.beta_schedule == "scaled_linear"
+    with pytest.raises(ValueError, match="beta_schedule must be one of"):
+        _cfg(tmp_path, data_dir, beta_schedule="cosine")
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", "shapes", "--out", "o", "--steps", "1", "--beta-schedule", "linear",
+                              "--beta-start", "1e-4", "--beta-end", "0.02"])
+    assert (args.beta_schedule, args.beta_start, args.beta_end) == ("linear", 1e-4, 0.02)
+
+
 def test_pyramid_noise_is_unit_variance_low_frequency_in_pixel_space(tmp_path, data_dir):
     import torch.nn.functional as F
 

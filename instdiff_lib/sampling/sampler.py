@@ -36,9 +36,8 @@ METHODS = ("plms", "ddim")
 
 
 def alphas_cumprod(cfg: ScheduleConfig) -> torch.Tensor:
-    """LDM "linear" schedule: betas = linspace(sqrt(b0), sqrt(b1), T)^2 in float64, stored as float32."""
-    betas = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, cfg.num_train_timesteps, dtype=torch.float64) ** 2
-    return torch.cumprod(1.0 - betas, dim=0).to(torch.float32)
+    """cumprod(1 - betas) of the config's schedule (:meth:`ScheduleConfig.betas`), in float64, stored as float32."""
+    return torch.cumprod(1.0 - cfg.betas(), dim=0).to(torch.float32)
 
 
 @dataclass

@@ -72,7 +72,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from instdiff_lib.weights.checkpoint import Components, build_components, load_converted, save_converted
-from instdiff_lib.model.config import DropFlags, ModelConfig, get_config
+from instdiff_lib.model.config import BETA_SCHEDULES, DropFlags, ModelConfig, get_config
 from instdiff_lib.fileio import atomic_write_text
 from instdiff_lib.layouts.layout import grounding_arrays
 from instdiff_lib.sampling.sampler import alphas_cumprod
@@ -136,6 +136,10 @@ class TrainConfig:
     progress: bool = True
     resume: bool = False
     init_from: str | None = None  # an exported model folder whose weights start the run (fine-tuning); None: scratch
+    # the noise schedule of the trained model (None: the model preset's); written into the exported model config
+    beta_schedule: str | None = None  # "scaled_linear" (SD's) or "linear" (DDPM's pixel-space betas)
+    beta_start: float | None = None
+    beta_end: float | None = None
 
     def __post_init__(self) -> None:
         if self.steps is None and self.minutes is None:
@@ -157,6 +161,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.pyramid_noise < 1.0:
             raise ValueError(f"pyramid_noise must be in [0, 1), got {self.pyramid_noise}")
+        if self.beta_schedule is not None and self.beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
         if self.p_drop_masks is not None and not 0.0 <= self.p_drop_masks <= 1.0:
             raise ValueError(f"p_drop_masks must be in [0, 1], got {self.p_drop_masks}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -558,7 +564,7 @@ class Trainer:
         self.csv_path = self.out / "loss.csv"
         if self.state_path.exists() and not cfg.resume:
             raise ValueError(f"{self.state_path} exists: pass --resume to continue it, or choose another --out")
-        self.model_cfg = get_config(cfg.model)
+        self.model_cfg = model_config_of(cfg)
         if self.model_cfg.image_size != cfg.image_size:
             raise ValueError(f"model {self.model_cfg.name!r} makes {self.model_cfg.image_size}px images, "
                              f"the train config asks for {cfg.image_size}px")
@@ -598,8 +604,10 @@ class Trainer:
     def _init_from(self, folder: str) -> None:
         """Start from an exported model's weights (all of them, strictly; its config must be this run's)."""
         src = load_converted(folder)
-        if src.cfg.to_dict() != self.model_cfg.to_dict():
-            diff = sorted(k for k, v in src.cfg.to_dict().items() if self.model_cfg.to_dict().get(k) != v)
+        theirs, ours = src.cfg.to_dict(), self.model_cfg.to_dict()
+        theirs.pop("schedule"), ours.pop("schedule")  # not a weight: a run may move a model to another schedule
+        if theirs != ours:
+            diff = sorted(k for k, v in theirs.items() if ours.get(k) != v)
             raise ValueError(f"--init-from {folder}: its model config differs from {self.cfg.model!r} in {diff}")
         sd = {n: v.float() for n, v in Trainable(src).state_dict().items()}
         Trainable(self.comp).load_state_dict(sd, strict=True)
@@ -759,6 +767,9 @@ class Trainer:
                   if cfg.lr_decay_start is not None else "")
                + (f" --p-drop-masks {cfg.p_drop_masks:g}" if cfg.p_drop_masks is not None else "")
                + (f" --pyramid-noise {cfg.pyramid_noise:g}" if cfg.pyramid_noise else "")
+               + (f" --beta-schedule {cfg.beta_schedule}" if cfg.beta_schedule is not None else "")
+               + (f" --beta-start {cfg.beta_start:g}" if cfg.beta_start is not None else "")
+               + (f" --beta-end {cfg.beta_end:g}" if cfg.beta_end is not None else "")
                + (f" --init-from {src.get('made_in') or cfg.init_from}" if cfg.init_from else "")
                + f" --threads {torch.get_num_threads()}")
         prior = src.get("reproduce")
@@ -774,6 +785,9 @@ class Trainer:
         folder = Path(self.cfg.init_from)
         manifest = json.loads((folder / "manifest.json").read_text())
         out = {"dir": str(folder), "sha256": {k: m["sha256"] for k, m in manifest["files"].items()}}
+        schedule = ModelConfig.load(folder / "model_config.json").schedule
+        if schedule != self.model_cfg.schedule:
+            out["schedule"] = dataclasses.asdict(schedule)  # the source's, when this run trained it onto another one
         if (folder / "summary.json").exists():
             made = json.loads((folder / "summary.json").read_text())
             out.update(made_in=made.get("export", {}).get("dir"), steps=made.get("steps"),
@@ -910,6 +924,15 @@ class Trainer:
         return summary
 
 
+def model_config_of(cfg: TrainConfig) -> ModelConfig:
+    """The model config a run trains: ``cfg.model``'s, with the run's noise-schedule overrides."""
+    model_cfg = get_config(cfg.model)
+    changes = {k: getattr(cfg, k) for k in ("beta_schedule", "beta_start", "beta_end") if getattr(cfg, k) is not None}
+    if changes:
+        model_cfg = model_cfg.replace(schedule=dataclasses.replace(model_cfg.schedule, **changes))
+    return model_cfg
+
+
 def train_shapes(cfg: TrainConfig) -> dict:
     """Train (or, with ``cfg.resume``, continue) the mini model on Shapes; returns the run summary."""
     return Trainer(cfg).run()
@@ -924,7 +947,8 @@ def _cmd_train_shapes(args: argparse.Namespace) -> int:
                       log_every=args.log_every, gap_every=args.gap_every, seed=args.seed, figure=args.figure or None,
                       export_dtype=args.export_dtype, threads=args.threads, progress=not args.no_progress,
                       resume=args.resume, device=args.device, p_drop_masks=args.p_drop_masks,
-                      init_from=args.init_from, pyramid_noise=args.pyramid_noise)
+                      init_from=args.init_from, pyramid_noise=args.pyramid_noise, beta_schedule=args.beta_schedule,
+                      beta_start=args.beta_start, beta_end=args.beta_end)
     summary = train_shapes(cfg)
     print(json.dumps({k: v for k, v in summary.items() if k != "train_config"}, indent=2))
     return 0
@@ -971,6 +995,10 @@ def add_train_parser(subparsers):
                    help="discount of multi-resolution training noise (0: white, official; e.g. 0.6)")
     s.add_argument("--init-from", default=d.init_from,
                    help="exported model folder whose weights start the run (fine-tuning; default: from scratch)")
+    s.add_argument("--beta-schedule", choices=BETA_SCHEDULES, default=d.beta_schedule,
+                   help="noise schedule of the trained model (default: the model preset's)")
+    s.add_argument("--beta-start", type=float, default=d.beta_start, help="first beta (default: the preset's)")
+    s.add_argument("--beta-end", type=float, default=d.beta_end, help="last beta (default: the preset's)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_cmd_train_shapes)
     return tsub

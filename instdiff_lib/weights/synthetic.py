@@ -84,7 +84,7 @@ def save_official(ckpt: dict, path: str | Path, config_content: dict | None = No
 def ldm_schedule_buffers(cfg: ScheduleConfig | None = None) -> dict[str, torch.Tensor]:
     """The ``diffusion`` entry: the LDM DDPM buffers of the "linear" schedule (recomputable, never read by instdiff)."""
     cfg = cfg or ScheduleConfig()
-    betas = torch.linspace(cfg.beta_start ** 0.5, cfg.beta_end ** 0.5, cfg.num_train_timesteps, dtype=torch.float64) ** 2
+    betas = cfg.betas()
     ac = torch.cumprod(1 - betas, 0)
     prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
     post_var = betas * (1 - prev) / (1 - ac)
