@@ -4,6 +4,7 @@
     python tools/mutation.py pim guards      # some of them
     python tools/mutation.py --report        # the table of the last runs only (no mutmut)
     python tools/mutation.py --recheck-timeouts keymap   # also retest "timeouts" (wall-clock: spurious when starved)
+    python tools/mutation.py sampler --functions '*x_plms_combine*'   # a slow module in parts
 
 Each module runs in its own scratch project ``outputs/mutation/<name>/``: a copy of ``instdiff_lib``, ``tests`` and
 ``pyproject.toml`` (plus a generated ``[tool.mutmut]`` section naming the module and ONLY the test files that
@@ -114,18 +115,20 @@ def prepare(name: str, t: Target) -> Path:
     return work
 
 
-def run(name: str, t: Target, jobs: int, recheck_timeouts: bool = False) -> int:
+def run(name: str, t: Target, jobs: int, recheck_timeouts: bool = False, only: list[str] | None = None) -> int:
+    """mutmut on one module; ``only``: mutant-name globs (e.g. ``*x_plms_combine*``) to test just those functions
+    this time (a module of slow tests, done in parts; the rest keep their verdicts)."""
     work = prepare(name, t)
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)  # the copy under mutants/ must be the instdiff_lib that the tests import
     env.setdefault("INSTDIFF_PARITY_DIR", str(ROOT.parent / "shared" / "parity"))
     env.setdefault("HF_HUB_OFFLINE", "1")
     mutmut = Path(sys.executable).with_name("mutmut")
-    cmd = [str(mutmut), "run", "--max-children", str(jobs), *t.functions]
+    cmd = [str(mutmut), "run", "--max-children", str(jobs), *(only or t.functions)]
     print(f"== {name}: {' '.join(t.files)} with {' '.join(t.tests)} (in {work.relative_to(ROOT)})", flush=True)
     # mutmut keeps a verdict until the function changes; a survivor of an earlier run must meet the current tests
-    again = [] if t.functions else [k for k, _ in collect(name, t)["undecided"]]
-    if recheck_timeouts:  # a timeout on a starved machine may be spurious: give those mutants another chance
+    again = [] if t.functions or only else [k for k, s in collect(name, t)["undecided"] if s != "not checked"]
+    if recheck_timeouts and not only:  # a timeout on a starved machine may be spurious: another chance
         again += collect(name, t)["timeouts"]
     rc = subprocess.run(cmd, cwd=work, env=env).returncode
     if again and rc == 0:
@@ -241,8 +244,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="also retest the mutants whose tests timed out (spurious on a starved machine)")
     ap.add_argument("--jobs", type=int, default=int(os.environ.get("MUTATION_JOBS", "1")),
                     help="mutants tested in parallel (default 1, or $MUTATION_JOBS)")
+    ap.add_argument("--functions", action="append", default=None, metavar="GLOB",
+                    help="test only the mutants whose names match (repeatable), e.g. '*x_plms_combine*'")
     args = ap.parse_args(argv)
     names = args.modules or list(TARGETS)
+    if args.functions and len(names) != 1:
+        ap.error("--functions needs exactly one module")
     unknown = [n for n in names if n not in TARGETS]
     if unknown:
         ap.error(f"unknown module(s) {unknown}; choose from {list(TARGETS)}")
@@ -252,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     rc = 0
     if not args.report:
         for n in names:
-            rc = run(n, TARGETS[n], args.jobs, args.recheck_timeouts) or rc
+            rc = run(n, TARGETS[n], args.jobs, args.recheck_timeouts, args.functions) or rc
     print(report(names))
     return rc
 
