@@ -483,6 +483,53 @@ def test_a_run_may_move_a_model_onto_another_noise_schedule(tmp_path, data_dir, 
     assert (args.beta_schedule, args.beta_start, args.beta_end) == ("linear", 1e-4, 0.02)
 
 
+def test_grow_adds_attention_blocks_that_start_as_the_identity(tmp_path, data_dir, dataset):
+    from instdiff_lib.training.diffusion import Trainable, diffusion_loss
+    from instdiff_lib.weights.checkpoint import build_components, load_converted
+    from instdiff_lib.weights.embedded import models_dir
+
+    src = str(models_dir() / "shapes-mini")
+    source = load_converted(src)
+    grown_cfg = source.cfg.to_dict()
+    assert list(grown_cfg["unet"]["attention_resolutions"]) == [4]
+    grown_cfg["unet"]["attention_resolutions"] = [2, 4]  # attention (and fusers) at 16 x 16 too
+    (tmp_path / "grown.json").write_text(json.dumps(grown_cfg))
+    model = str(tmp_path / "grown.json")
+    with pytest.raises(ValueError, match=r"model config differs .*unet"):
+        Trainer(_cfg(tmp_path / "a", data_dir, steps=1, init_from=src, model=model), data=dataset)
+    tr = Trainer(_cfg(tmp_path, data_dir, steps=1, init_from=src, model=model, grow=True, figure=None), data=dataset)
+    assert len(tr.comp.unet.fusers) == len(source.unet.fusers) + 3
+    want = Trainable(source).state_dict()
+    got = tr.model.state_dict()
+    new = sorted(set(got) - set(want))
+    assert len(new) > 50 and all(".attentions." in n for n in new)
+    for k in want:
+        assert torch.equal(got[k], want[k].float()), k
+    zeroed = [n for n in new if ".proj_out." in n]
+    assert len(zeroed) == 6 and all(not got[n].any() for n in zeroed)
+    assert all(got[n].any() for n in new if n.endswith("proj_in.weight"))  # the rest keeps its fresh init
+    # the grown model computes the source's function (every modality fed), then trains away from it
+    batch = dataset.batch([0, 1])
+    t, noise = torch.tensor([700, 150]), torch.randn(2, 12, 32, 32, generator=torch.Generator().manual_seed(3))
+    ref = build_components(source.cfg)
+    Trainable(ref).load_state_dict({k: v.float() for k, v in want.items()})
+    theirs = diffusion_loss(Trainable(ref), ref.vae, batch, t, noise, tr.acp)
+    ours = diffusion_loss(tr.model, tr.comp.vae, batch, t, noise, tr.acp)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=0)
+    summary = tr.run()
+    assert summary["init_from"]["attention_resolutions"] == [4]
+    assert f"--model {model} " in summary["reproduce"][-1] and " --grow " in summary["reproduce"][-1]
+    assert load_converted(tr.cfg.out_dir).cfg.unet.attention_resolutions == (2, 4)
+    # shrinking is not growing
+    small = dict(grown_cfg, unet=dict(grown_cfg["unet"], attention_resolutions=[2]))
+    (tmp_path / "small.json").write_text(json.dumps(small))
+    with pytest.raises(ValueError, match="has attention where"):
+        Trainer(_cfg(tmp_path / "b", data_dir, steps=1, init_from=src, model=str(tmp_path / "small.json"), grow=True),
+                data=dataset)
+    with pytest.raises(ValueError, match="grow needs init_from"):
+        _cfg(tmp_path, data_dir, grow=True)
+
+
 def test_pyramid_noise_is_unit_variance_low_frequency_in_pixel_space(tmp_path, data_dir):
     import torch.nn.functional as F
 

@@ -60,6 +60,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +137,9 @@ class TrainConfig:
     progress: bool = True
     resume: bool = False
     init_from: str | None = None  # an exported model folder whose weights start the run (fine-tuning); None: scratch
+    # init_from a model with attention at fewer resolutions: the run's extra attention blocks start as the identity
+    # (their output projection zeroed), so the grown model computes the source's function at step 0
+    grow: bool = False
     # the noise schedule of the trained model (None: the model preset's); written into the exported model config
     beta_schedule: str | None = None  # "scaled_linear" (SD's) or "linear" (DDPM's pixel-space betas)
     beta_start: float | None = None
@@ -161,6 +165,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.pyramid_noise < 1.0:
             raise ValueError(f"pyramid_noise must be in [0, 1), got {self.pyramid_noise}")
+        if self.grow and not self.init_from:
+            raise ValueError("grow needs init_from (the model to grow)")
         if self.beta_schedule is not None and self.beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
         if self.p_drop_masks is not None and not 0.0 <= self.p_drop_masks <= 1.0:
@@ -606,11 +612,27 @@ class Trainer:
         src = load_converted(folder)
         theirs, ours = src.cfg.to_dict(), self.model_cfg.to_dict()
         theirs.pop("schedule"), ours.pop("schedule")  # not a weight: a run may move a model to another schedule
+        if self.cfg.grow:  # the one field a grown model may change
+            if not set(theirs["unet"].pop("attention_resolutions")) <= set(ours["unet"].pop("attention_resolutions")):
+                raise ValueError(f"--grow: {folder} has attention where {self.cfg.model!r} has none")
         if theirs != ours:
             diff = sorted(k for k, v in theirs.items() if ours.get(k) != v)
             raise ValueError(f"--init-from {folder}: its model config differs from {self.cfg.model!r} in {diff}")
         sd = {n: v.float() for n, v in Trainable(src).state_dict().items()}
-        Trainable(self.comp).load_state_dict(sd, strict=True)
+        mine = Trainable(self.comp)
+        new = sorted(set(mine.state_dict()) - set(sd))
+        res = mine.load_state_dict(sd, strict=not self.cfg.grow)
+        if res.unexpected_keys:  # grow: every source weight must find its place
+            raise ValueError(f"--grow: {len(res.unexpected_keys)} weights of {folder} have no place in "
+                             f"{self.cfg.model!r}, e.g. {res.unexpected_keys[:3]}")
+        blocks = {m.group(1) for n in new if (m := re.match(r"(.*\.attentions\.\d+)\.", n))}
+        strays = [n for n in new if not any(n.startswith(b + ".") for b in blocks)]
+        if strays:
+            raise ValueError(f"--grow: {len(strays)} new weights outside new attention blocks, e.g. {strays[:3]}")
+        with torch.no_grad():  # a new block adds proj_out(...) to its input: zero, it is the identity
+            for n, p in mine.named_parameters():
+                if any(n.startswith(b + ".proj_out.") for b in blocks):
+                    p.zero_()
 
     # ---- pieces ---------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -761,6 +783,7 @@ class Trainer:
         cfg = self.cfg
         src = self._init_source() or {}
         cmd = (f"instdiff train shapes --out {cfg.out_dir} --steps {self.step} --seed {cfg.seed} "
+               + (f"--model {cfg.model} " if cfg.model != TrainConfig.model else "") +
                f"--batch-size {cfg.batch_size} --n-images {cfg.n_train_images} --data-seed {cfg.data_seed}"
                + (f" --lr {cfg.lr:g}" if cfg.lr != TrainConfig.lr else "")
                + (f" --lr-decay-start {cfg.lr_decay_start} --lr-decay-steps {cfg.lr_decay_steps}"
@@ -771,6 +794,7 @@ class Trainer:
                + (f" --beta-start {cfg.beta_start:g}" if cfg.beta_start is not None else "")
                + (f" --beta-end {cfg.beta_end:g}" if cfg.beta_end is not None else "")
                + (f" --init-from {src.get('made_in') or cfg.init_from}" if cfg.init_from else "")
+               + (" --grow" if cfg.grow else "")
                + f" --threads {torch.get_num_threads()}")
         prior = src.get("reproduce")
         if prior is None:
@@ -785,7 +809,10 @@ class Trainer:
         folder = Path(self.cfg.init_from)
         manifest = json.loads((folder / "manifest.json").read_text())
         out = {"dir": str(folder), "sha256": {k: m["sha256"] for k, m in manifest["files"].items()}}
-        schedule = ModelConfig.load(folder / "model_config.json").schedule
+        source_cfg = ModelConfig.load(folder / "model_config.json")
+        if source_cfg.unet.attention_resolutions != self.model_cfg.unet.attention_resolutions:
+            out["attention_resolutions"] = list(source_cfg.unet.attention_resolutions)  # the source's (--grow)
+        schedule = source_cfg.schedule
         if schedule != self.model_cfg.schedule:
             out["schedule"] = dataclasses.asdict(schedule)  # the source's, when this run trained it onto another one
         if (folder / "summary.json").exists():
@@ -948,7 +975,7 @@ def _cmd_train_shapes(args: argparse.Namespace) -> int:
                       export_dtype=args.export_dtype, threads=args.threads, progress=not args.no_progress,
                       resume=args.resume, device=args.device, p_drop_masks=args.p_drop_masks,
                       init_from=args.init_from, pyramid_noise=args.pyramid_noise, beta_schedule=args.beta_schedule,
-                      beta_start=args.beta_start, beta_end=args.beta_end)
+                      beta_start=args.beta_start, beta_end=args.beta_end, grow=args.grow)
     summary = train_shapes(cfg)
     print(json.dumps({k: v for k, v in summary.items() if k != "train_config"}, indent=2))
     return 0
@@ -995,6 +1022,9 @@ def add_train_parser(subparsers):
                    help="discount of multi-resolution training noise (0: white, official; e.g. 0.6)")
     s.add_argument("--init-from", default=d.init_from,
                    help="exported model folder whose weights start the run (fine-tuning; default: from scratch)")
+    s.add_argument("--grow", action="store_true",
+                   help="with --init-from: the run's model may add attention resolutions (new blocks start as the "
+                        "identity)")
     s.add_argument("--beta-schedule", choices=BETA_SCHEDULES, default=d.beta_schedule,
                    help="noise schedule of the trained model (default: the model preset's)")
     s.add_argument("--beta-start", type=float, default=d.beta_start, help="first beta (default: the preset's)")
