@@ -608,7 +608,8 @@ class Trainer:
             self.csv_path.unlink()  # a fresh run: no rows of an earlier one
 
     def _init_from(self, folder: str) -> None:
-        """Start from an exported model's weights (all of them, strictly; its config must be this run's)."""
+        """Start from an exported model's weights (all of them, strictly; its config must be this run's but for the
+        noise schedule, and with ``grow`` for added attention resolutions, whose new blocks start as the identity)."""
         src = load_converted(folder)
         theirs, ours = src.cfg.to_dict(), self.model_cfg.to_dict()
         theirs.pop("schedule"), ours.pop("schedule")  # not a weight: a run may move a model to another schedule
