@@ -100,6 +100,42 @@ def run_bench(config: str = "tiny", steps: int = 10, n_instances: int = 4, mis: 
     }
 
 
+# ---- several layouts per call ----------------------------------------------------------------------------
+def run_layout_batch_bench(model: str | None = None, layout_batch: int = 8, n_layouts: int = 16, steps: int = 25,
+                           mis: float = 0.36, guidance: float = 3.0, device: str = "cpu") -> dict:
+    """The same ``n_layouts`` layouts (1 to 5 instances, one seed each) sampled one per pipeline call and
+    ``layout_batch`` per call (:meth:`InstanceDiffusionPipeline.generate`): seconds per image, the ratio, and the
+    largest latent difference (float rounding only). ``model``: a folder or preset (default: the committed Shapes
+    mini model, whose smoke report generates this way)."""
+    from instdiff_lib.weights.checkpoint import load_any
+    from instdiff_lib.weights.embedded import models_dir
+
+    spec = model or str(models_dir() / "shapes-mini")
+    pipe = InstanceDiffusionPipeline(load_any(spec, seed=0), device=device)
+    size = pipe.cfg.image_size
+    layouts = [synthetic_layout(1 + k % 5, size=size, seed=k) for k in range(n_layouts)]
+    seeds = list(range(n_layouts))
+    kw = dict(steps=steps, mis=mis, guidance=guidance, negative_prompt="", progress=False)
+    pipe.generate(layouts[:2], seeds[:2], **{**kw, "steps": 2})  # warm-up
+    dev = torch.device(device)
+    out, latents = {}, {}
+    for name, k in (("one_per_call", 1), (f"{layout_batch}_per_call", layout_batch)):
+        _sync(dev)
+        t0 = time.perf_counter()
+        lat = []
+        for s in range(0, n_layouts, k):
+            lat += [o.latents for o in pipe.generate(layouts[s:s + k], seeds[s:s + k], **kw)]
+        _sync(dev)
+        out[name] = {"seconds": round(time.perf_counter() - t0, 2),
+                     "seconds_per_image": round((time.perf_counter() - t0) / n_layouts, 3)}
+        latents[name] = torch.cat(lat)
+    one, many = out["one_per_call"]["seconds"], out[f"{layout_batch}_per_call"]["seconds"]
+    return {"model": pipe.c.label, "config": pipe.cfg.name, "device": str(dev), "threads": torch.get_num_threads(),
+            "steps": steps, "mis": mis, "n_layouts": n_layouts, "layout_batch": layout_batch, **out,
+            "speedup": round(one / many, 2),
+            "max_abs_latent_diff": float((latents["one_per_call"] - latents[f"{layout_batch}_per_call"]).abs().max())}
+
+
 # ---- scoring speed ---------------------------------------------------------------------------------------
 def _synthetic_scoring_set(n_images: int, n_gt: int, n_pred: int, size: int, seed: int):
     """A COCO GT dict and detector-like results (jittered GT masks + random false positives), all RLE."""

@@ -102,6 +102,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
             ok = report[f"{key}_pass"]
             print(f"{key:9s} {'PASS' if ok else 'FAIL'}")
         return 0
+    if args.layout_batch:
+        from instdiff_lib.bench import run_layout_batch_bench
+
+        report = run_layout_batch_bench(model=args.model, layout_batch=args.layout_batch, n_layouts=args.layouts,
+                                        steps=args.steps if args.steps != 10 else 25, mis=args.mis,
+                                        guidance=args.guidance, device=_device(args.device))
+        print(json.dumps(report, indent=2))
+        print(f"{args.layout_batch} layouts per call: {report['speedup']} x the speed of one per call")
+        return 0
     if args.shapes_data:
         from instdiff_lib.bench import run_shapes_data_bench
 
@@ -195,7 +204,8 @@ def cmd_eval_generate(args: argparse.Namespace) -> int:
     pipe = InstanceDiffusionPipeline.from_pretrained(args.model, device=_device(args.device), dtype=_dtype(args.dtype),
                                                      max_batch=args.max_batch)
     generate_eval(items, args.out, pipe, args.setting, shard=shard, base_seed=args.seed, image_format=args.format,
-                  quality=args.quality, steps=args.steps, guidance=args.guidance, alpha=args.alpha, mis=args.mis)
+                  quality=args.quality, steps=args.steps, guidance=args.guidance, alpha=args.alpha, mis=args.mis,
+                  layout_batch=args.layout_batch)
     return 0
 
 
@@ -313,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--metrics", action="store_true", help="instead: scoring cost per image vs the detector's")
     b.add_argument("--metrics-images", type=int, default=200)
     b.add_argument("--yolo", default="yolov8m-seg.yaml")
+    b.add_argument("--layout-batch", type=int, default=0,
+                   help="instead: K layouts per pipeline call vs one per call (default model: the committed Shapes "
+                        "mini; --model another), seconds per image and the ratio")
+    b.add_argument("--layouts", type=int, default=16, help="with --layout-batch: layouts sampled each way")
     b.add_argument("--shapes-data", action="store_true",
                    help="instead: Shapes dataset generation time vs its target (200 images of 64 px in 5 s)")
     b.add_argument("--shapes-images", type=int, default=200)
@@ -329,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: the full protocol's cost on this device (sd15 size, random weights unless --model; "
                         "50 steps): UNet time per batch, MIS batched vs official order, s/image and peak memory per "
                         "setting, and the GPU-hours of jobs/params/full projected from them")
-    b.add_argument("--model", default=None, help="with --protocol: a converted folder instead of random weights")
+    b.add_argument("--model", default=None, help="with --protocol: a converted folder instead of random weights; "
+                                                "with --layout-batch: the model (folder or preset)")
     b.add_argument("--protocol-images", type=int, default=12, help="with --protocol: images per setting")
     b.add_argument("--budget", type=float, default=None, help="with --protocol: stop the per-setting part after "
                                                               "this many seconds")
@@ -376,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     eg.add_argument("--quality", type=int, default=JPEG_QUALITY, help="JPEG quality (official: PIL default 75)")
     eg.add_argument("--limit", type=int, default=None, help="only the first N images (smoke runs)")
     eg.add_argument("--max-batch", type=int, default=None, help=MAX_BATCH_HELP)
+    eg.add_argument("--layout-batch", type=int, default=1,
+                    help="images sampled together, their branches in the same UNet batches (fuller batches on a CPU; "
+                         "equal to one at a time up to float rounding)")
     eg.add_argument("--device", default="auto")
     eg.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     eg.set_defaults(func=cmd_eval_generate)

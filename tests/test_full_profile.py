@@ -145,8 +145,9 @@ def test_max_batch_reaches_every_entry_point(tiny_pipe, tmp_path, monkeypatch):
     split = make_shapes_dataset(tmp_path / "shapes", 1, seed=0, size=64)
     items = protocol_items(split.instances_json, split.captions_json)
     seen = []
-    original = tiny_pipe.sampler.sample
-    monkeypatch.setattr(tiny_pipe.sampler, "sample", lambda *a, **k: seen.append(k["max_batch"]) or original(*a, **k))
+    original = tiny_pipe.sampler.sample_many
+    monkeypatch.setattr(tiny_pipe.sampler, "sample_many",
+                        lambda *a, **k: seen.append(k["max_batch"]) or original(*a, **k))
     generate_eval(items, tmp_path / "gen", tiny_pipe, "box", steps=2, mis=0.5, max_batch=2, progress=False)
     assert seen == [2]
 

@@ -66,6 +66,29 @@ def test_num_images_batch_is_consistent(pipe, layout):
     assert (two[0] - two[1]).abs().max() > 1e-3
 
 
+def test_generate_several_layouts_equals_one_at_a_time(pipe, layout):
+    """``generate``: each layout keeps its own seed, noise and instances; info says how many shared the call."""
+    other = synthetic_layout(2, size=512, seed=1)
+    kw = dict(steps=3, mis=0.36, progress=False)
+    many = pipe.generate([layout, other], [7, 8], **kw)
+    for out, lay, seed in zip(many, [layout, other], [7, 8]):
+        alone = pipe(lay, seed=seed, **kw)
+        torch.testing.assert_close(out.latents, alone.latents, atol=1e-4, rtol=0)
+        assert (out.info["seed"], out.info["n_instances"], out.info["layout_batch"]) == (seed, len(lay.instances), 2)
+    assert many[0].info["unet_calls"] == (len(layout.instances) + 1 + 3) * (2 * 1 + 2) + 2 * 2 * (3 - 1)
+    with pytest.raises(ValueError, match="one seed"):
+        pipe.generate([layout, other], [7], **kw)
+
+
+def test_layout_batch_bench_compares_the_two_ways():
+    from instdiff_lib.bench import run_layout_batch_bench
+
+    r = run_layout_batch_bench(model="tiny", layout_batch=2, n_layouts=3, steps=2)
+    assert (r["n_layouts"], r["layout_batch"], r["config"]) == (3, 2, "tiny")
+    assert r["max_abs_latent_diff"] < 1e-4
+    assert r["speedup"] == round(r["one_per_call"]["seconds"] / r["2_per_call"]["seconds"], 2)
+
+
 def test_long_captions_fail_clearly(pipe, layout):
     long = " ".join(["word"] * 80)
     bad = Layout(layout.caption, layout.width, layout.height, [Instance(caption=long, box=(0.1, 0.1, 0.5, 0.5))])

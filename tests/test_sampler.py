@@ -135,6 +135,29 @@ def test_chunking_does_not_change_results(model, setup):
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)  # only float reassociation across batch sizes
 
 
+@pytest.mark.parametrize("batched", [True, False])
+def test_sample_many_equals_each_job_alone(model, setup, batched):
+    """Jobs of different branch counts (3, 2 and 1) sampled together: each result equals its job sampled alone (MIS
+    merges each job's own branches, never across jobs), to float rounding; the first job alone is exactly ``sample``."""
+    full, insts, uc, x_T = setup
+    g = torch.Generator().manual_seed(11)
+    x_b, x_c = torch.randn(x_T.shape, generator=g), torch.randn(x_T.shape, generator=g)
+    job_b = [_branch(model, 2, [0.2, 0.5, 0.9, 0.8], 5), _branch(model, 2, [0.2, 0.5, 0.9, 0.8], 6)]
+    job_c = [_branch(model, 2, [0.0, 0.0, 0.4, 0.3], 7)]
+    jobs = [(x_T, [full, *insts]), (x_b, job_b), (x_c, job_c)]
+    kw = dict(steps=6, guidance=5.0, alpha=0.5, mis=0.5, progress=False, batched=batched)
+    s = Sampler(model)
+    together = s.sample_many(jobs, uc, max_batch=5, **kw)
+    alone = [s.sample(x, brs, uc, **kw) for x, brs in jobs]
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+    assert (together[0] - together[1]).abs().max() > 0.1  # the jobs do differ
+    assert torch.equal(s.sample_many(jobs[:1], uc, **kw)[0], alone[0])
+    assert s.sample_many([], uc, **kw) == []
+    with pytest.raises(ValueError, match="noise of one shape"):
+        s.sample_many([(x_T, job_c), (x_T[:1], job_c)], uc, **kw)
+
+
 def test_mis_average_and_branch0_history(model, setup):
     """After the MIS steps the latent is the uniform mean of the branch latents."""
     stats = SamplerStats()

@@ -133,7 +133,7 @@ def generate_variant(world, variant: Variant, seed: int, out_root: str | Path, n
                          shard=shard, base_seed=seed, image_format=IMAGE_FORMAT, quality=JPEG_QUALITY, steps=variant.steps,
                          guidance=variant.guidance, alpha=variant.alpha, mis=variant.mis,
                          negative_prompt=world.negative_prompt, progress=progress, drop=variant.drop,
-                         skip_mode=variant.skip_mode)
+                         skip_mode=variant.skip_mode, layout_batch=world.layout_batch)
 
 
 @dataclass

@@ -7,7 +7,8 @@ to ``manifest-{i:03d}-of-{n:03d}.jsonl`` per finished image::
 
 * Each image's seed comes from (base seed, image id) alone, so the union of N shards equals one run.
 * Files are written under a temporary name and renamed; the manifest row is appended after the rename.
-  A kill leaves at most one image without a row, which a rerun regenerates (identically).
+  A kill leaves at most one image without a row, which a rerun regenerates (identically with ``layout_batch=1``; up
+  to float rounding when the images are sampled in groups).
 * A rerun skips images whose file exists with the manifest's sha256 and the same configuration; a folder
   holding another configuration is refused rather than mixed.
 """
@@ -112,12 +113,18 @@ def generate_eval(items: list, out_dir: str | Path, pipe, setting: str, *, shard
                   steps: int | None = None,
                   guidance: float | None = None, alpha: float | None = None, mis: float | None = None,
                   negative_prompt: str = EVAL_NEGATIVE_PROMPT, progress: bool = True, drop: str | None = None,
-                  skip_mode: str | None = None, max_batch: int | None = None) -> GenerationSummary:
+                  skip_mode: str | None = None, max_batch: int | None = None,
+                  layout_batch: int = 1) -> GenerationSummary:
     """Generate this shard's images. ``items`` have ``image_id``, ``file_name`` and ``layout`` (see coco.py).
 
     ``drop`` overrides the setting's modality preset and ``skip_mode`` the model's (``scaleu``/``freeu``/``none``)
     for ablations; both are part of the folder's configuration (a resumed run must match it). ``max_batch`` caps the
-    UNet batch (default: the pipeline's, see ``InstanceDiffusionPipeline``); it does not change the images."""
+    UNet batch (default: the pipeline's, see ``InstanceDiffusionPipeline``); it does not change the images.
+    ``layout_batch`` images are sampled together (:meth:`InstanceDiffusionPipeline.generate`: on a CPU, fuller UNet
+    batches); each equals its image sampled alone up to float rounding, so it is not part of the configuration either
+    (a kill loses at most one group; a rerun regenerates it)."""
+    if layout_batch < 1:
+        raise ValueError(f"layout_batch must be >= 1, got {layout_batch}")
     if setting not in SETTINGS or setting == "real":
         raise ValueError(f"setting must be one of {[s for s in SETTINGS if s != 'real']}, got {setting!r}")
     if image_format not in ("jpg", "png"):
@@ -147,33 +154,41 @@ def generate_eval(items: list, out_dir: str | Path, pipe, setting: str, *, shard
     done = {r["image_id"]: r for r in read_manifest(out_dir) if r.get("config_hash") == config_hash}
     mine = shard_items(items, shard)
     mpath = manifest_path(out_dir, shard)
-    t0, n_gen, n_skip = time.perf_counter(), 0, 0
-    bar = tqdm(mine, desc=f"{setting} shard {shard[0]}/{shard[1]}", disable=not progress)
+    t0, n_gen = time.perf_counter(), 0
+    todo = []
+    for item in mine:
+        row = done.get(item.image_id)
+        target = out_dir / f"{Path(item.file_name).stem}.{image_format}"
+        if not (row and target.exists() and sha256_file(target) == row["sha256"]):
+            todo.append(item)
+    n_skip = len(mine) - len(todo)
+    bar = tqdm(total=len(todo), desc=f"{setting} shard {shard[0]}/{shard[1]}", disable=not progress)
     with skip_mode_set(unet, skip_mode), open(mpath, "a") as manifest:
-        for item in bar:
-            fname = f"{Path(item.file_name).stem}.{image_format}"
-            target = out_dir / fname
-            row = done.get(item.image_id)
-            if row and target.exists() and sha256_file(target) == row["sha256"]:
-                n_skip += 1
-                continue
-            seed = image_seed(base_seed, item.image_id)
-            result = pipe(item.layout, seed=seed, num_images=1, negative_prompt=negative_prompt,
-                          drop=drop, truncate_prompt=True, progress=False, max_batch=max_batch, **p)
-            buf = io.BytesIO()
-            if image_format == "jpg":
-                result.images[0].save(buf, format="JPEG", quality=quality)
-            else:
-                result.images[0].save(buf, format="PNG")
-            data = buf.getvalue()
-            atomic_write_bytes(target, data)
-            row = {"image_id": item.image_id, "file": fname, "seed": seed, "config_hash": config_hash,
-                   "sha256": hashlib.sha256(data).hexdigest(), "setting": setting, "n_instances": len(item.layout.instances)}
-            manifest.write(json.dumps(row) + "\n")
-            manifest.flush()
-            os.fsync(manifest.fileno())
-            n_gen += 1
+        for start in range(0, len(todo), layout_batch):
+            group = todo[start:start + layout_batch]
+            seeds = [image_seed(base_seed, item.image_id) for item in group]
+            results = pipe.generate([item.layout for item in group], seeds, num_images=1,
+                                    negative_prompt=negative_prompt, drop=drop, truncate_prompt=True, progress=False,
+                                    max_batch=max_batch, **p)
+            for item, seed, result in zip(group, seeds, results):
+                fname = f"{Path(item.file_name).stem}.{image_format}"
+                buf = io.BytesIO()
+                if image_format == "jpg":
+                    result.images[0].save(buf, format="JPEG", quality=quality)
+                else:
+                    result.images[0].save(buf, format="PNG")
+                data = buf.getvalue()
+                atomic_write_bytes(out_dir / fname, data)
+                row = {"image_id": item.image_id, "file": fname, "seed": seed, "config_hash": config_hash,
+                       "sha256": hashlib.sha256(data).hexdigest(), "setting": setting,
+                       "n_instances": len(item.layout.instances)}
+                manifest.write(json.dumps(row) + "\n")
+                manifest.flush()
+                os.fsync(manifest.fileno())
+                n_gen += 1
+            bar.update(len(group))
             bar.set_postfix(img_per_s=f"{n_gen / (time.perf_counter() - t0):.2f}")
+    bar.close()
     secs = time.perf_counter() - t0
     summary = GenerationSummary(out_dir, shard, len(mine), n_gen, n_skip, secs)
     print(f"{setting} shard {shard[0]}/{shard[1]}: {n_gen} generated, {n_skip} already there, "

@@ -41,6 +41,7 @@ class World:
     device: str = "cpu"
     dtype: str = "float32"
     max_batch: int | None = None  # UNet batch cap of the pipeline (None: chosen from free GPU memory)
+    layout_batch: int = 1  # images sampled together per pipeline call (generate_eval); equal up to float rounding
     fid_weights: Path | None = None  # the FID Inception weights file (None: torch.hub's cache)
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -121,9 +122,12 @@ class World:
 
 
 def shapes_world(n_val: int = 64, data_root: str | os.PathLike | None = None, seed: int = 0,
-                 model: str | None = None, device: str = "cpu", max_batch: int | None = None) -> World:
+                 model: str | None = None, device: str = "cpu", max_batch: int | None = None,
+                 layout_batch: int = 8) -> World:
     """The Shapes world: a deterministic val split (written on first use; ``n_val`` images, ``seed``) and the
-    committed mini model and evaluators."""
+    committed mini model and evaluators. ``layout_batch``: images sampled together (8: on 2 CPU cores the 64-px
+    model's UNet costs half as much per sample in batches of 16 or more as in the 2 of one image's guidance halves;
+    ``instdiff bench --layout-batch`` measures it)."""
     from instdiff_lib.datasets.shapes import current_split, make_shapes_dataset
     from instdiff_lib.evaluation.shapes_evaluators import SHAPES_ATTRIBUTE_VOCAB, YOLO_IMGSZ, YOLO_WEIGHTS
 
@@ -134,16 +138,17 @@ def shapes_world(n_val: int = 64, data_root: str | os.PathLike | None = None, se
                  captions_json=split.captions_json, real_image_dir=split.image_dir,
                  yolo=m / "shapes-yolo" / YOLO_WEIGHTS, clip_spec={"folder": m / "shapes-clip"},
                  negative_prompt="", phrase_source="annotation", imgsz=YOLO_IMGSZ, class_map="index+1",
-                 attribute_vocab=SHAPES_ATTRIBUTE_VOCAB, fid_size=64, device=device, max_batch=max_batch)
+                 attribute_vocab=SHAPES_ATTRIBUTE_VOCAB, fid_size=64, device=device, max_batch=max_batch,
+                 layout_batch=layout_batch)
 
 
 def coco_world(coco_root: str | os.PathLike, model: str, yolo: str = "yolov8m-seg.pt", device: str = "cuda",
                dtype: str = "float16", clip_model: str = "ViT-L-14", clip_pretrained: str = "laion2b_s32b_b82k",
                clip_cache_dir: str | os.PathLike | None = None, fid_weights: str | os.PathLike | None = None,
-               max_batch: int | None = None) -> World:
+               max_batch: int | None = None, layout_batch: int = 1) -> World:
     """COCO val2017 with the released weights: the paper protocol (spec §4). ``clip_cache_dir`` is the Hugging Face
     cache holding the CLIP weights, ``fid_weights`` the Inception file (report/assets.py: their documented places);
-    ``max_batch`` caps the UNet batch. ``coco_root`` holds
+    ``max_batch`` caps the UNet batch, ``layout_batch`` images are sampled per pipeline call. ``coco_root`` holds
     ``annotations/instances_val2017_512.json`` (the protocol's 512x512 frame: ``instdiff data resize-512
     annotations/instances_val2017.json annotations/instances_val2017_512.json``),
     ``annotations/captions_val2017.json`` and ``val2017/`` (``instdiff data coco`` downloads them)."""
@@ -161,7 +166,7 @@ def coco_world(coco_root: str | os.PathLike, model: str, yolo: str = "yolov8m-se
                  captions_json=ann / "captions_val2017.json", real_image_dir=root / "val2017", yolo=yolo,
                  clip_spec={"model": clip_model, "pretrained": clip_pretrained,
                             "cache_dir": str(clip_cache_dir) if clip_cache_dir else None},
-                 negative_prompt=EVAL_NEGATIVE_PROMPT, device=device, dtype=dtype, max_batch=max_batch,
+                 negative_prompt=EVAL_NEGATIVE_PROMPT, device=device, dtype=dtype, max_batch=max_batch, layout_batch=layout_batch,
                  fid_weights=Path(fid_weights) if fid_weights else None)
 
 

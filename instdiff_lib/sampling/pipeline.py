@@ -159,25 +159,49 @@ class InstanceDiffusionPipeline:
                  drop: str | DropFlags | None = "mask", method: str = "plms", batched: bool = True,
                  max_batch: int | None = None, truncate_prompt: bool = False, progress: bool = True,
                  x_T: torch.Tensor | None = None) -> PipelineOutput:
+        return self.generate([layout], [seed], steps=steps, guidance=guidance, alpha=alpha, mis=mis,
+                             num_images=num_images, negative_prompt=negative_prompt, drop=drop, method=method,
+                             batched=batched, max_batch=max_batch, truncate_prompt=truncate_prompt, progress=progress,
+                             x_T=None if x_T is None else [x_T])[0]
+
+    @torch.no_grad()
+    def generate(self, layouts: list[Layout], seeds: list[int], *, steps: int = 50, guidance: float = 7.5,
+                 alpha: float = 0.75, mis: float = 0.36, num_images: int = 1,
+                 negative_prompt: str = DEFAULT_NEGATIVE_PROMPT, drop: str | DropFlags | None = "mask",
+                 method: str = "plms", batched: bool = True, max_batch: int | None = None,
+                 truncate_prompt: bool = False, progress: bool = True,
+                 x_T: list[torch.Tensor] | None = None) -> list[PipelineOutput]:
+        """Several layouts (one seed each) sampled together: their branches share every UNet batch
+        (:meth:`Sampler.sample_many`). Each output equals ``self(layout, seed, ...)`` up to float rounding; its
+        ``info`` holds the whole call's ``seconds``, ``unet_calls`` and ``unet_batches`` and, as ``layout_batch``, the
+        number of layouts."""
+        if len(layouts) != len(seeds) or (x_T is not None and len(x_T) != len(layouts)):
+            raise ValueError(f"one seed (and x_T, if given) per layout: {len(layouts)} layouts, {len(seeds)} seeds"
+                             + ("" if x_T is None else f", {len(x_T)} x_T"))
         t0 = time.perf_counter()
         drop_flags = resolve_drop(drop)
-        branches, uc = self.prepare(layout, seed, num_images, negative_prompt, mis, truncate_prompt)
-        x_T = self.noise(seed, num_images) if x_T is None else x_T.to(self.device, self.dtype)
+        jobs, uc = [], None
+        for k, (layout, seed) in enumerate(zip(layouts, seeds)):
+            branches, uc = self.prepare(layout, seed, num_images, negative_prompt, mis, truncate_prompt)
+            noise = self.noise(seed, num_images) if x_T is None else x_T[k].to(self.device, self.dtype)
+            jobs.append((noise, branches))
         stats = SamplerStats()
-        n_batch = 2 * num_images * (len(branches) if int(steps * mis) > 0 else 1)  # the largest UNet batch of the run
+        per_job = [len(brs) if int(steps * mis) > 0 else 1 for _, brs in jobs]
+        n_batch = 2 * num_images * sum(per_job)  # the largest UNet batch of the run
         max_batch = self.resolve_max_batch(n_batch, max_batch) if batched else max_batch
-        latents = self.sampler.sample(x_T, branches, uc, steps=steps, guidance=guidance, alpha=alpha, mis=mis,
-                                      method=method, drop=drop_flags, batched=batched, max_batch=max_batch,
-                                      progress=progress, stats=stats)
-        images = self.decode(latents)
-        info = {"model": self.c.label, "config": self.cfg.name, "seed": seed, "steps": steps, "guidance": guidance,
-                "alpha": alpha, "mis": mis, "num_images": num_images, "negative_prompt": negative_prompt,
-                "drop": dict(zip(("boxes", "points", "scribbles", "masks"), drop_flags.as_tuple())),
-                "method": method, "n_instances": len(layout.instances), "max_batch": max_batch,
-                "unet_calls": stats.unet_calls,
-                "unet_batches": stats.unet_batches, "device": str(self.device), "dtype": str(self.dtype),
-                "seconds": round(time.perf_counter() - t0, 3)}
-        return PipelineOutput(images, latents, info)
+        latents = self.sampler.sample_many(jobs, uc, steps=steps, guidance=guidance, alpha=alpha, mis=mis,
+                                           method=method, drop=drop_flags, batched=batched, max_batch=max_batch,
+                                           progress=progress, stats=stats)
+        images = [self.decode(lat) for lat in latents]
+        seconds = round(time.perf_counter() - t0, 3)
+        common = {"model": self.c.label, "config": self.cfg.name, "steps": steps, "guidance": guidance,
+                  "alpha": alpha, "mis": mis, "num_images": num_images, "negative_prompt": negative_prompt,
+                  "drop": dict(zip(("boxes", "points", "scribbles", "masks"), drop_flags.as_tuple())),
+                  "method": method, "max_batch": max_batch, "unet_calls": stats.unet_calls,
+                  "unet_batches": stats.unet_batches, "device": str(self.device), "dtype": str(self.dtype),
+                  "layout_batch": len(layouts), "seconds": seconds}
+        return [PipelineOutput(imgs, lat, {**common, "seed": seed, "n_instances": len(layout.instances)})
+                for imgs, lat, seed, layout in zip(images, latents, seeds, layouts)]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
