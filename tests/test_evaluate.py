@@ -181,6 +181,22 @@ def test_real_control_and_setting_mismatch(shapes, generated):
                       progress=False)
 
 
+def test_images_of_one_setting_scored_as_another_only_when_said(shapes, generated, known_detector):
+    """An ablation's mask-setting row fed only boxes scores the box setting's images: allowed when the caller names
+    the images' setting (and the attribute agrees), refused otherwise."""
+    kw = dict(instances_json=shapes.instances_json, images_dir=generated, yolo="fake", progress=False)
+    as_box = score_setting("box", **kw)
+    with pytest.raises(ValueError, match="not 'mask'"):
+        score_setting("mask", **kw)
+    as_mask = score_setting("mask", images_setting="box", **kw)
+    np.testing.assert_array_equal(*(list(r["metrics"]["box"]["values"].values()) for r in (as_mask, as_box)))
+    assert as_mask["metrics"]["box"]["values"]["AP50"] > 0.5
+    with pytest.raises(ValueError, match="not 'point'"):
+        score_setting("mask", images_setting="point", **kw)
+    with pytest.raises(ValueError, match="cannot be scored as 'color'"):
+        score_setting("color", images_setting="box", captions_json=shapes.captions_json, **kw)
+
+
 def _colour_clip():
     """A CLIP triple with known answers: a crop's embedding is the one-hot of the palette colour nearest to its
     centre pixel, a text's the one-hot of the first colour it names."""

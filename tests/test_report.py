@@ -11,7 +11,7 @@ import nbformat
 import numpy as np
 import pytest
 
-from instdiff_lib.evaluation.experiments import Variant, ablation_variants, aggregate, ci95, RunRecord
+from instdiff_lib.evaluation.experiments import Variant, ablation_variants, aggregate, ci95, RunRecord, variant_folder
 from instdiff_lib.report.runner import (NOTEBOOKS, STANDALONE_NOTEBOOKS, load_params, notebook_parameters, notebook_path,
                                         params_path)
 from instdiff_lib.results import PROFILES, project_root, write_results
@@ -97,6 +97,12 @@ def test_aggregate_and_ablation_variants():
     assert pairs[1][1].key() == base.key()  # the base value: same folder, images reused
     assert pairs[0][1].key() != base.key()
     assert Variant("m", "mask", steps=5, drop="mask").key() == base.key()  # the setting's own preset
+    # another setting's preset makes that setting's images: one folder, scored as each variant's own setting
+    box_only = Variant("drop=box", "mask", steps=5, drop="box")
+    assert box_only.images_setting == "box" and box_only.key() == Variant("box", "box", steps=5).key() != base.key()
+    assert variant_folder("o", box_only, 1) == variant_folder("o", Variant("b", "box", steps=5), 1)
+    assert Variant("a", "mask", drop="all").images_setting == "scribble"
+    assert Variant("c", "color", drop="box").images_setting == "color"  # no plain setting has its attribute
     recs = [RunRecord(base, s, "f", {"box_AP50": v}, 10, 10, 0, 1.0) for s, v in enumerate([0.2, 0.4])]
     rows = aggregate(recs)
     assert rows["base"]["metrics"]["box_AP50"]["mean"] == pytest.approx(0.3)

@@ -58,15 +58,26 @@ class Variant:
         if self.setting not in SETTINGS or self.setting == "real":
             raise ValueError(f"setting must be one of {[s for s in SETTINGS if s != 'real']}, got {self.setting!r}")
 
+    @property
+    def images_setting(self) -> str:
+        """The setting whose images these are: a setting's images depend only on its modality preset and attribute,
+        so a variant that overrides ``drop`` with another setting's preset (an ablation's ``drop=box`` on the mask
+        setting) makes that setting's images, shares its folder and is scored as its own ``setting``."""
+        drop, attribute = self.drop or SETTINGS[self.setting]["drop"], SETTINGS[self.setting]["attribute"]
+        same = [s for s, v in SETTINGS.items() if (v["drop"], v["attribute"]) == (drop, attribute)]
+        return self.setting if self.setting in same or not same else same[0]
+
     def key(self) -> str:
-        """Hash of what the images depend on (not the name). ``drop=None`` counts as the setting's own preset and
-        ``skip_mode=None`` as the config default "scaleu" (a model configured otherwise is caught by
-        ``generate_eval``'s configuration check, never silently mixed)."""
+        """Hash of what the images depend on (not the name, nor a setting that only changes the scoring: see
+        :attr:`images_setting`). ``drop=None`` counts as the setting's own preset and ``skip_mode=None`` as the
+        config default "scaleu" (a model configured otherwise is caught by ``generate_eval``'s configuration check,
+        never silently mixed)."""
         from instdiff_lib.model.config import ModelConfig
 
         d = asdict(self)
         d.pop("name")
         d["drop"] = self.drop or SETTINGS[self.setting]["drop"]
+        d["setting"] = self.images_setting
         d["skip_mode"] = self.skip_mode or ModelConfig().skip_mode
         d["format"] = [IMAGE_FORMAT, JPEG_QUALITY]  # how the images are stored (folders of another format are not reused)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
@@ -122,14 +133,14 @@ class RunRecord:
 
 
 def variant_folder(out_root: str | Path, variant: Variant, seed: int) -> Path:
-    return Path(out_root) / f"{variant.setting}__{variant.key()}__seed{seed}"
+    return Path(out_root) / f"{variant.images_setting}__{variant.key()}__seed{seed}"
 
 
 def generate_variant(world, variant: Variant, seed: int, out_root: str | Path, n_images: int,
                      shard: tuple[int, int] = (0, 1), progress: bool = False):
     """Generate (resuming) the images of one variant at one base seed, or one shard of them (SLURM arrays)."""
     items = world.items(SETTINGS[variant.setting]["attribute"], limit=n_images)
-    return generate_eval(items, variant_folder(out_root, variant, seed), world.pipeline(), variant.setting,
+    return generate_eval(items, variant_folder(out_root, variant, seed), world.pipeline(), variant.images_setting,
                          shard=shard, base_seed=seed, image_format=IMAGE_FORMAT, quality=JPEG_QUALITY, steps=variant.steps,
                          guidance=variant.guidance, alpha=variant.alpha, mis=variant.mis,
                          negative_prompt=world.negative_prompt, progress=progress, drop=variant.drop,
@@ -176,7 +187,8 @@ def score_runs(world, generated: Sequence[Generated], n_images: int, *, fid: boo
 
     ``shuffle=k``: the shuffled-layout control (each image scored against the layout of the image k later); with
     fewer than 2 images per folder there is no other layout: no records (the floor is left out, said in a line).
-    A folder listed twice (variants that differ only in name, e.g. an ablation's base value) is scored once."""
+    A folder listed twice for one setting (variants that differ only in name, e.g. an ablation's base value) is
+    scored once."""
     from tqdm.auto import tqdm
 
     if shuffle and n_images < 2:
@@ -184,15 +196,16 @@ def score_runs(world, generated: Sequence[Generated], n_images: int, *, fid: boo
               f"least 2 images per folder (n_images = {n_images})")
         return []
 
-    scores: dict[str, dict] = {}
+    scores: dict[tuple[str, str], dict] = {}
     records = []
     for g in tqdm(generated, desc="scoring (variant x seed)" + (" shuffled" if shuffle else ""),
                   disable=not progress):
-        if g.folder not in scores:
+        key = (g.folder, g.variant.setting)  # a folder may serve two settings (Variant.images_setting)
+        if key not in scores:
             # only the first n_images (a folder shared with a larger run, e.g. notebook 10's, may hold more)
-            scores[g.folder] = world.score(g.variant.setting, g.folder, limit=n_images, fid=fid, progress=False,
-                                           shuffle=shuffle)
-        score = scores[g.folder]
+            scores[key] = world.score(g.variant.setting, g.folder, limit=n_images, fid=fid, progress=False,
+                                      shuffle=shuffle, images_setting=g.variant.images_setting)
+        score = scores[key]
         per_image = score["metrics"].get("mask_iou", {}).get("per_image", {})
         records.append(RunRecord(g.variant, g.seed, g.folder, flat_metrics(score), score["n_images"], g.n_generated,
                                  g.n_reused, g.gen_seconds, per_image, list(score.get("image_ids", []))))

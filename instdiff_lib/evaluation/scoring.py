@@ -26,7 +26,8 @@ from instdiff_lib.datasets.coco import protocol_items
 from instdiff_lib.evaluation.generation import SETTINGS, read_manifest
 
 
-def _files_for(setting: str, items, images_dir, real_image_dir, near: bool = True) -> tuple[list[tuple[int, Path]], str]:
+def _files_for(setting: str, items, images_dir, real_image_dir, near: bool = True,
+               images_setting: str | None = None) -> tuple[list[tuple[int, Path]], str]:
     from instdiff_lib.evaluation.metrics.guards import assert_generated, check_manifest
 
     if setting == "real":
@@ -44,8 +45,13 @@ def _files_for(setting: str, items, images_dir, real_image_dir, near: bool = Tru
         raise FileNotFoundError(f"{images_dir}: no manifest-*.jsonl (generate with `instdiff eval generate`)")
     check_manifest(images_dir, rows)
     settings_in_folder = {r.get("setting") for r in rows}
-    if settings_in_folder != {setting}:
-        raise ValueError(f"{images_dir} holds images of setting(s) {sorted(map(str, settings_in_folder))}, not {setting!r}")
+    made_as = images_setting or setting
+    if settings_in_folder != {made_as}:
+        raise ValueError(f"{images_dir} holds images of setting(s) {sorted(map(str, settings_in_folder))}, not "
+                         f"{made_as!r}")
+    if SETTINGS[made_as]["attribute"] != SETTINGS[setting]["attribute"]:
+        raise ValueError(f"images of setting {made_as!r} cannot be scored as {setting!r}: their prompts carry another "
+                         "attribute")
     files = [(r["image_id"], Path(images_dir) / r["file"]) for r in rows]
     if real_image_dir is not None:
         assert_generated([p for _, p in files], real_image_dir, near=near)
@@ -83,8 +89,12 @@ def score_setting(setting: str, *, instances_json, captions_json=None, images_di
                   batch: int = 16, seed: int = 0, limit: int | None = None, progress: bool = True,
                   phrase_source: str = "official", imgsz: int | None = None, class_map=None,
                   attribute_vocab=None, fid_size: int = 512, fid_weights=None, guard_near: bool = True,
-                  shuffle: int = 0) -> dict[str, Any]:
+                  shuffle: int = 0, images_setting: str | None = None) -> dict[str, Any]:
     """Score one setting; returns {"metrics": {...}, "n_images", "timing_s", "images_per_s", "source"}.
+
+    The folder's manifest must say its images were made for ``setting``, or for ``images_setting`` when that is
+    given: images made with one setting's inputs may be scored as another setting of the same attribute, when the
+    caller says so (an ablation's mask-setting row fed only boxes scores the box setting's images).
 
     ``shuffle=k`` (k >= 1) is the shuffled-layout control: after the guards and ``limit``, the i-th scored image
     is scored against the layout (annotations, points, attributes) of the (i + k)-th, cyclically; same metric code.
@@ -101,7 +111,7 @@ def score_setting(setting: str, *, instances_json, captions_json=None, images_di
     items = protocol_items(instances_json, captions_json, attribute=attribute, phrase_source=phrase_source)
     by_id = {it.image_id: it for it in items}
     files, source = _files_for(setting, items[:limit] if (setting == "real" and limit) else items, images_dir,
-                               real_image_dir, near=guard_near)
+                               real_image_dir, near=guard_near, images_setting=images_setting)
     unknown = [i for i, _ in files if i not in by_id]
     if unknown:
         raise ValueError(f"{len(unknown)} scored images are not in {instances_json}, e.g. {unknown[:5]}")

@@ -105,7 +105,7 @@ class World:
         return ClipImageFeatures(self.clip())
 
     def score(self, setting: str, images_dir: str | os.PathLike | None, *, limit: int | None = None,
-              fid: bool = False, progress: bool = False, shuffle: int = 0) -> dict:
+              fid: bool = False, progress: bool = False, shuffle: int = 0, images_setting: str | None = None) -> dict:
         from instdiff_lib.evaluation.scoring import score_setting
         from instdiff_lib.evaluation.generation import SETTINGS
 
@@ -118,7 +118,8 @@ class World:
             phrase_source=self.phrase_source, imgsz=self.imgsz, class_map=self.class_map,
             attribute_vocab=(self.attribute_vocab or {}).get(attribute) if attribute else None,
             fid_real_dir=self.real_image_dir if fid else None, fid_feature=self.fid_feature() if fid else None,
-            fid_size=self.fid_size, fid_weights=self.fid_weights, guard_near=self.name != "shapes", shuffle=shuffle)
+            fid_size=self.fid_size, fid_weights=self.fid_weights, guard_near=self.name != "shapes", shuffle=shuffle,
+            images_setting=images_setting)
 
 
 def shapes_world(n_val: int = 64, data_root: str | os.PathLike | None = None, seed: int = 0,
