@@ -114,14 +114,12 @@ class Sampler:
         self.model = model
         self.schedule_cfg = schedule_cfg or model.cfg.schedule
 
-    @torch.no_grad()
     def sample(self, x_T: torch.Tensor, branches: list[Branch], uc: torch.Tensor, **kw) -> torch.Tensor:
         """Sample latents from ``x_T`` [B, C, H, W]. ``branches[0]`` is the full layout; ``branches[1:]`` are
         the MIS instance branches (ignored when ``mis == 0``). ``uc`` is the negative-prompt context [B, L, D].
         Keywords as :meth:`sample_many`."""
         return self.sample_many([(x_T, branches)], uc, **kw)[0]
 
-    @torch.no_grad()
     def sample_many(self, jobs: list[tuple[torch.Tensor, list[Branch]]], uc: torch.Tensor, *, steps: int = 50,
                     guidance: float = 7.5, alpha: float = 0.75, mis: float = 0.36, method: str = "plms",
                     drop: DropFlags | None = None, batched: bool = True, max_batch: int | None = None,
@@ -138,73 +136,75 @@ class Sampler:
         if not jobs:
             return []
         if len({x.shape for x, _ in jobs}) > 1:
-            raise ValueError(f"every job must start from noise of one shape, got {sorted({tuple(x.shape) for x, _ in jobs})}")
+            shapes = sorted({tuple(x.shape) for x, _ in jobs})
+            raise ValueError(f"every job must start from noise of one shape, got {shapes}")
         stats = stats if stats is not None else SamplerStats()
-        sched = Schedule.make(steps, self.schedule_cfg)
-        gates = gate_schedule(steps, alpha)
-        mis_steps = int(steps * mis) if any(len(brs) > 1 for _, brs in jobs) else 0
-        groups = [brs if mis_steps > 0 else brs[:1] for _, brs in jobs]  # each job's active branches
-        active = [br for g in groups for br in g]
-        x_T = jobs[0][0]
-        device, dtype = x_T.device, x_T.dtype
+        with torch.no_grad():  # a context, not a decorator: mutmut skips decorated functions
+            sched = Schedule.make(steps, self.schedule_cfg)
+            gates = gate_schedule(steps, alpha)
+            mis_steps = int(steps * mis) if any(len(brs) > 1 for _, brs in jobs) else 0
+            groups = [brs if mis_steps > 0 else brs[:1] for _, brs in jobs]  # each job's active branches
+            active = [br for g in groups for br in g]
+            x_T = jobs[0][0]
+            device, dtype = x_T.device, x_T.dtype
 
-        null = self.model.position_net.null_grounding(x_T.shape[0], device=device, seg_size=1)
-        null_objs = null_regions = None
-        grid = tuple(x_T.shape[-2:])
-        if batched:  # tokens (and regions) once per run and branch, not per step
-            for br in active:
-                br.objs = self.model.tokenize(br.grounding, drop).to(dtype)
-                br.regions = self.model.regions(br.grounding, drop, grid)
-            null_objs = self.model.tokenize(null, drop).to(dtype)
-            null_regions = self.model.regions(null, drop, grid)
-            stats.tokenizations += len(active) + 1
+            null = self.model.position_net.null_grounding(x_T.shape[0], device=device, seg_size=1)
+            null_objs = null_regions = None
+            grid = tuple(x_T.shape[-2:])
+            if batched:  # tokens (and regions) once per run and branch, not per step
+                for br in active:
+                    br.objs = self.model.tokenize(br.grounding, drop).to(dtype)
+                    br.regions = self.model.regions(br.grounding, drop, grid)
+                null_objs = self.model.tokenize(null, drop).to(dtype)
+                null_regions = self.model.regions(null, drop, grid)
+                stats.tokenizations += len(active) + 1
 
-        cond_cache: dict[bool, tuple] = {}  # merged? -> (contexts, tokens, regions), per phase
+            cond_cache: dict[bool, tuple] = {}  # merged? -> (contexts, tokens, regions), per phase
 
-        def guided_eps(xs: list[torch.Tensor], brs: list[Branch], t: int, gate: int) -> list[torch.Tensor]:
-            if batched:
-                if merged not in cond_cache:  # [cond of every branch | uncond of every branch], built once
-                    regions = None
-                    if null_regions is not None:
-                        regions = torch.cat([br.regions for br in brs] + [null_regions] * len(brs))
-                    cond_cache[merged] = (torch.cat([br.context for br in brs] + [uc] * len(brs)),
-                                          torch.cat([br.objs for br in brs] + [null_objs] * len(brs)), regions)
-                return self._eps_batched(xs, *cond_cache[merged], t, gate, guidance, max_batch, stats)
-            return [self._eps_reference(x, br, uc, null, t, gate, guidance, drop, stats) for x, br in zip(xs, brs)]
+            def guided_eps(xs: list[torch.Tensor], brs: list[Branch], t: int, gate: int) -> list[torch.Tensor]:
+                if batched:
+                    if merged not in cond_cache:  # [cond of every branch | uncond of every branch], built once
+                        regions = None
+                        if null_regions is not None:
+                            regions = torch.cat([br.regions for br in brs] + [null_regions] * len(brs))
+                        cond_cache[merged] = (torch.cat([br.context for br in brs] + [uc] * len(brs)),
+                                              torch.cat([br.objs for br in brs] + [null_objs] * len(brs)), regions)
+                    return self._eps_batched(xs, *cond_cache[merged], t, gate, guidance, max_batch, stats)
+                return [self._eps_reference(x, br, uc, null, t, gate, guidance, drop, stats) for x, br in zip(xs, brs)]
 
-        xs = [x.clone() for (x, _), g in zip(jobs, groups) for _ in g]
-        history: list[list[torch.Tensor]] = [[] for _ in active]
-        sizes = [len(g) for g in groups]
-        merged = False
-        iterator = range(steps)
-        if progress:
-            iterator = tqdm(iterator, desc=f"{method} x{len(active)} branch", leave=False)
-        for i in iterator:
-            if i == mis_steps and len(xs) > len(jobs):  # MIS merge: each job's uniform average, its branch 0's history
-                starts = [sum(sizes[:j]) for j in range(len(sizes))]
-                xs = [torch.stack(xs[s:s + n]).mean(0) for s, n in zip(starts, sizes)]
-                history, active = [history[s] for s in starts], [active[s] for s in starts]
-                merged = True
-            index = steps - 1 - i
-            t, t_next = int(sched.timesteps[index]), int(sched.timesteps[max(index - 1, 0)])
-            x_in = [x.clone() for x in xs] if trace else None
-            n_old = len(history[0])  # all branches share the step count, hence the history length
-            e_t = guided_eps(xs, active, t, gates[i])
-            if method == "ddim":
-                e_prime = e_t
-            elif n_old == 0:  # improved Euler: a second evaluation at t_next on the provisional x_prev
-                provisional = [sched.x_prev(x, e, index) for x, e in zip(xs, e_t)]
-                e_next = guided_eps(provisional, active, t_next, gates[i])
-                e_prime = [(e + en) / 2 for e, en in zip(e_t, e_next)]
-            else:
-                e_prime = [plms_combine(e, old) for e, old in zip(e_t, history)]
-            xs = [sched.x_prev(x, e, index) for x, e in zip(xs, e_prime)]
-            history = [(old + [e])[-3:] for old, e in zip(history, e_t)]
-            if trace:
-                stats.trace.append({"step": i, "t": t, "t_next": t_next, "index": index, "gate": gates[i],
-                                    "n_old_eps": n_old, "x_in": torch.stack(x_in), "e_t": torch.stack(e_t),
-                                    "x_out": torch.stack(xs)})
-        return xs
+            xs = [x.clone() for (x, _), g in zip(jobs, groups) for _ in g]
+            history: list[list[torch.Tensor]] = [[] for _ in active]
+            sizes = [len(g) for g in groups]
+            merged = False
+            iterator = range(steps)
+            if progress:
+                iterator = tqdm(iterator, desc=f"{method} x{len(active)} branch", leave=False)
+            for i in iterator:
+                if i == mis_steps and len(xs) > len(jobs):  # MIS merge: per job, the mean and branch 0's history
+                    starts = [sum(sizes[:j]) for j in range(len(sizes))]
+                    xs = [torch.stack(xs[s:s + n]).mean(0) for s, n in zip(starts, sizes)]
+                    history, active = [history[s] for s in starts], [active[s] for s in starts]
+                    merged = True
+                index = steps - 1 - i
+                t, t_next = int(sched.timesteps[index]), int(sched.timesteps[max(index - 1, 0)])
+                x_in = [x.clone() for x in xs] if trace else None
+                n_old = len(history[0])  # all branches share the step count, hence the history length
+                e_t = guided_eps(xs, active, t, gates[i])
+                if method == "ddim":
+                    e_prime = e_t
+                elif n_old == 0:  # improved Euler: a second evaluation at t_next on the provisional x_prev
+                    provisional = [sched.x_prev(x, e, index) for x, e in zip(xs, e_t)]
+                    e_next = guided_eps(provisional, active, t_next, gates[i])
+                    e_prime = [(e + en) / 2 for e, en in zip(e_t, e_next)]
+                else:
+                    e_prime = [plms_combine(e, old) for e, old in zip(e_t, history)]
+                xs = [sched.x_prev(x, e, index) for x, e in zip(xs, e_prime)]
+                history = [(old + [e])[-3:] for old, e in zip(history, e_t)]
+                if trace:
+                    stats.trace.append({"step": i, "t": t, "t_next": t_next, "index": index, "gate": gates[i],
+                                        "n_old_eps": n_old, "x_in": torch.stack(x_in), "e_t": torch.stack(e_t),
+                                        "x_out": torch.stack(xs)})
+            return xs
 
     # ---- eps evaluations -----------------------------------------------------------------------
     def _eps_batched(self, xs, ctx_all, objs_all, regions_all, t, gate, guidance, max_batch,
