@@ -94,8 +94,8 @@ class _CountingWorld:
     def __init__(self):
         self.calls = []
 
-    def score(self, setting, folder, *, limit, fid, progress, shuffle):
-        self.calls.append((setting, folder, limit, shuffle))
+    def score(self, setting, folder, *, limit, fid, progress, shuffle, images_setting):
+        self.calls.append((setting, folder, limit, shuffle, images_setting))
         return {"n_images": limit, "metrics": {"box": {"values": {"AP": 0.1, "AP50": 0.2, "AR100": 0.3}},
                                                "mask_iou": {"values": {"IoU": 0.4}, "per_image": {"1": 0.4}}}}
 
@@ -112,6 +112,12 @@ def test_score_runs_scores_a_shared_folder_once():
     assert [r.variant.name for r in records] == ["base", "mis=0.36", "mis=0.0"]
     assert records[1].metrics == {"box_AP": 0.1, "box_AP50": 0.2, "box_AR": 0.3, "mask_IoU": 0.4}
     assert records[1].n_reused == 3 and records[0].per_image == {"1": 0.4}
+    # one folder for two settings (an ablation's drop=box row on the box setting's images): scored once per setting
+    world = _CountingWorld()
+    box, box_only = Variant("box", "box", steps=5), Variant("drop=box", "mask", steps=5, drop="box")
+    score_runs(world, [Generated(box, 0, "f/box", 3, 0, 1.0), Generated(box_only, 0, "f/box", 0, 3, 0.0)], 3,
+               progress=False)
+    assert [(c[0], c[1], c[4]) for c in world.calls] == [("box", "f/box", "box"), ("mask", "f/box", "box")]
 
 
 def _layout() -> Layout:
