@@ -5,7 +5,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-torch.set_num_threads(2)  # the parity fixture was computed with 2 intra-op threads
+# the parity fixture was computed with 2 intra-op threads; tools/mutation.py runs several pytest processes at once
+# and gives each one thread (INSTDIFF_TEST_THREADS), or they would fight over the cores
+torch.set_num_threads(int(os.environ.get("INSTDIFF_TEST_THREADS", "2")))
 
 
 @pytest.fixture(scope="session")

@@ -33,16 +33,20 @@ def _branch(model, B, box, seed):
     return Branch(torch.randn(1, 77, cfg.unet.context_dim, generator=g).expand(B, -1, -1), gr)
 
 
-@pytest.fixture(scope="module")
-def setup(model):
-    B = 2
+def _setup(model, B, size):
+    """Two instances (one branch each for MIS) and the full layout; noise of B x 4 x size x size."""
     full = _branch(model, B, [0.1, 0.1, 0.6, 0.7], 1)
     full.grounding["masks"][:, 1] = 1
     full.grounding["boxes"][:, 1] = torch.tensor([0.5, 0.4, 0.9, 0.9])
     insts = [_branch(model, B, [0.1, 0.1, 0.6, 0.7], 2), _branch(model, B, [0.5, 0.4, 0.9, 0.9], 3)]
     uc = torch.randn(1, 77, model.cfg.unet.context_dim, generator=torch.Generator().manual_seed(9)).expand(B, -1, -1)
-    x_T = torch.randn(B, 4, 32, 32, generator=torch.Generator().manual_seed(4))
+    x_T = torch.randn(B, 4, size, size, generator=torch.Generator().manual_seed(4))
     return full, insts, uc, x_T
+
+
+@pytest.fixture(scope="module")
+def setup(model):
+    return _setup(model, 2, 32)
 
 
 def run(model, setup, **kw):
@@ -135,9 +139,11 @@ def test_chunking_does_not_change_results(model, setup):
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)  # only float reassociation across batch sizes
 
 
-def test_defaults_are_the_official_inference_settings(model, setup):
+def test_defaults_are_the_official_inference_settings(model):
     """Called without settings, the sampler runs the official inference.py defaults: PLMS, 50 steps, guidance 7.5,
-    alpha 0.75, MIS 0.36, batched (found by mutation testing: no test called it without them)."""
+    alpha 0.75, MIS 0.36, batched (found by mutation testing: no test called it without them). One 8 x 8 latent:
+    50 steps at the size of the other tests would make this the slowest test of the file."""
+    setup = _setup(model, 1, 8)
     full, insts, uc, x_T = setup
     stats = SamplerStats()
     default = Sampler(model).sample(x_T, [full, *insts], uc, stats=stats)

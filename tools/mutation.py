@@ -61,6 +61,22 @@ TARGETS: dict[str, Target] = {
     "fuser_mask": Target(["instdiff_lib/model/fuser_mask.py"], ["tests/test_fuser_mask.py", "tests/test_sampler.py"]),
 }
 
+# Written as the scratch project's root conftest.py: mutmut runs a mutant's tests with ``-x`` in no particular order,
+# so a mutant that only the 1-second test kills could first sit through the 20-second ones. This runs the tests that
+# were fastest in mutmut's stats run first (pytest loads this conftest before the tests' own; it changes no test).
+FASTEST_FIRST = '''"""Written by tools/mutation.py: run the fastest tests first (mutmut stops at the first failure)."""
+import json
+from pathlib import Path
+
+
+def pytest_collection_modifyitems(session, config, items):
+    try:
+        seconds = json.loads(Path("mutmut-stats.json").read_text())["duration_by_test"]
+    except (OSError, ValueError, KeyError):  # the stats run itself: nothing recorded yet
+        return
+    items.sort(key=lambda item: seconds.get(item.nodeid, float("inf")))
+'''
+
 KILLED = {1, 3, 36, 37, -24, 24, 152, 255}  # test failure, pytest internal error, timeouts, type check
 STATUS = {0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", None: "not checked", -11: "segfault",
           -9: "segfault"}
@@ -94,13 +110,16 @@ def prepare(name: str, t: Target) -> Path:
         if (ROOT / d).exists():
             _sync_tree(ROOT / d, work / d)
     files = [f for f in t.files if (ROOT / f).exists()]
+    conftest = work / "conftest.py"
+    if not conftest.exists() or conftest.read_text() != FASTEST_FIRST:
+        conftest.write_text(FASTEST_FIRST)
     section = "\n".join([
         "", "[tool.mutmut]",
         'source_paths = ["instdiff_lib"]',
         f"only_mutate = {_toml_list(files)}",
         f"pytest_add_cli_args_test_selection = {_toml_list([x for x in t.tests if (ROOT / x).exists()])}",
         'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:randomly"]',
-        f"also_copy = {_toml_list(t.data)}",
+        f"also_copy = {_toml_list([*t.data, 'conftest.py'])}",
         'process_isolation = "forkserver"',
         "use_git_change_detection = false",
         "use_setproctitle = false",
@@ -123,6 +142,10 @@ def run(name: str, t: Target, jobs: int, recheck_timeouts: bool = False, only: l
     env.pop("PYTHONPATH", None)  # the copy under mutants/ must be the instdiff_lib that the tests import
     env.setdefault("INSTDIFF_PARITY_DIR", str(ROOT.parent / "shared" / "parity"))
     env.setdefault("HF_HUB_OFFLINE", "1")
+    # tests/conftest.py gives torch 2 threads; with several mutants at once that oversubscribes the cores (spinning
+    # OpenMP threads: a 1-minute test file took 15 minutes with 2 jobs on 2 cores), so share the cores out
+    env.setdefault("INSTDIFF_TEST_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, jobs))))
+    env.setdefault("OMP_NUM_THREADS", env["INSTDIFF_TEST_THREADS"])
     mutmut = Path(sys.executable).with_name("mutmut")
     cmd = [str(mutmut), "run", "--max-children", str(jobs), *(only or t.functions)]
     print(f"== {name}: {' '.join(t.files)} with {' '.join(t.tests)} (in {work.relative_to(ROOT)})", flush=True)
