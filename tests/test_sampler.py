@@ -130,6 +130,7 @@ def test_batched_equals_official_order(model, setup):
     assert stats_b.unet_calls == 3 * (2 * 2 + 2) + 2 * (5 - 2)
     assert stats_b.tokenizations == 3 + 1  # once per branch + the null grounding, not per step
     assert stats_r.tokenizations == stats_r.unet_calls
+    assert stats_r.unet_batches == stats_r.unet_calls  # the official order: one UNet call per batch
     assert stats_b.unet_batches < stats_r.unet_batches
 
 
@@ -139,7 +140,7 @@ def test_chunking_does_not_change_results(model, setup):
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)  # only float reassociation across batch sizes
 
 
-def test_defaults_are_the_official_inference_settings(model):
+def test_defaults_are_the_official_inference_settings(model, capsys):
     """Called without settings, the sampler runs the official inference.py defaults: PLMS, 50 steps, guidance 7.5,
     alpha 0.75, MIS 0.36, batched (found by mutation testing: no test called it without them). One 8 x 8 latent:
     50 steps at the size of the other tests would make this the slowest test of the file."""
@@ -152,6 +153,7 @@ def test_defaults_are_the_official_inference_settings(model):
     # int(50 * 0.36) = 18 MIS steps of 3 branches, plus the improved-Euler evaluation of step 0; then 32 steps of 1
     assert stats.unet_calls == 2 * 3 * (18 + 1) + 2 * (50 - 18)
     assert stats.unet_batches == 50 + 1 and len(stats.trace) == 0
+    assert "plms x3 branch" in capsys.readouterr().err  # a progress bar unless asked not to show one
 
 
 @pytest.mark.parametrize("batched", [True, False])
@@ -173,8 +175,19 @@ def test_sample_many_equals_each_job_alone(model, setup, batched):
     assert (together[0] - together[1]).abs().max() > 0.1  # the jobs do differ
     assert torch.equal(s.sample_many(jobs[:1], uc, **kw)[0], alone[0])
     assert s.sample_many([], uc, **kw) == []
-    with pytest.raises(ValueError, match="noise of one shape"):
+    with pytest.raises(ValueError, match=r"noise of one shape, got \[\(1, 4, 32, 32\), \(2, 4, 32, 32\)\]"):
         s.sample_many([(x_T, job_c), (x_T[:1], job_c)], uc, **kw)
+
+
+@pytest.mark.parametrize("mis", [1.0, -0.1, 1.5])
+def test_mis_outside_zero_one_is_refused(model, setup, mis):
+    """MIS is a fraction of the steps in [0, 1): at 1.0 no step would run on the merged latent (found by mutation
+    testing: the bounds and the message were not pinned)."""
+    full, insts, uc, x_T = setup
+    with pytest.raises(ValueError, match=rf"^mis must be in \[0, 1\), got {mis}$"):
+        Sampler(model).sample(x_T, [full, *insts], uc, steps=2, mis=mis, progress=False)
+    with pytest.raises(ValueError, match=r"^method must be one of \('plms', 'ddim'\), got 'euler'$"):
+        Sampler(model).sample(x_T, [full, *insts], uc, steps=2, method="euler", progress=False)
 
 
 def test_mis_average_and_branch0_history(model, setup):
