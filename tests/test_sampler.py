@@ -121,6 +121,18 @@ def test_mis_zero_is_plain_sampler(model, setup):
     assert (d - a).abs().max() > 1e-3  # MIS does change the result
 
 
+def test_one_mis_step_and_none(model, setup):
+    """int(steps * mis) = 1 runs one MIS step (every branch, then the merge); mis = 0 tokenizes and samples the full
+    layout only (found by mutation testing: both edges were unpinned)."""
+    one, none = SamplerStats(), SamplerStats()
+    a = run(model, setup, steps=4, mis=0.25, stats=one)
+    assert one.unet_calls == 3 * (2 * 1 + 2) + 2 * (4 - 1)  # official accounting (n+1)(2M+2) + 2(T-M), n=2, M=1
+    assert one.tokenizations == 3 + 1
+    b = run(model, setup, steps=4, mis=0.0, stats=none)
+    assert none.unet_calls == 1 * (2 * 0 + 2) + 2 * 4 and none.tokenizations == 1 + 1
+    assert (a - b).abs().max() > 1e-3
+
+
 def test_batched_equals_official_order(model, setup):
     stats_b, stats_r = SamplerStats(), SamplerStats()
     a = run(model, setup, steps=5, mis=0.4, batched=True, stats=stats_b)
