@@ -147,9 +147,25 @@ def test_batched_equals_official_order(model, setup):
 
 
 def test_chunking_does_not_change_results(model, setup):
-    a = run(model, setup, steps=4, mis=0.5)
-    b = run(model, setup, steps=4, mis=0.5, max_batch=3)
+    whole, chunked = SamplerStats(), SamplerStats()
+    a = run(model, setup, steps=4, mis=0.5, stats=whole)
+    b = run(model, setup, steps=4, mis=0.5, max_batch=3, stats=chunked)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)  # only float reassociation across batch sizes
+    # 2 MIS steps of 3 branches x 2 halves x B=2 = 12 rows (step 0 evaluated twice), then 2 steps of 4 rows
+    assert whole.unet_batches == 2 + 1 + 1 + 1
+    assert chunked.unet_batches == 4 * 2 + 4 + 2 + 2  # at most 3 rows per UNet call
+    assert chunked.unet_calls == whole.unet_calls
+
+
+def test_stats_add_up_over_calls(model, setup):
+    """One SamplerStats passed to several calls counts all of them (found by mutation testing)."""
+    once, twice = SamplerStats(), SamplerStats()
+    run(model, setup, steps=2, mis=0.5, stats=once)
+    for _ in range(2):
+        run(model, setup, steps=2, mis=0.5, stats=twice)
+    assert once.tokenizations == 3 + 1 and once.unet_calls > 0
+    assert (twice.tokenizations, twice.unet_calls, twice.unet_batches) == (
+        2 * once.tokenizations, 2 * once.unet_calls, 2 * once.unet_batches)
 
 
 def test_defaults_are_the_official_inference_settings(model, capsys):
