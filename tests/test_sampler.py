@@ -229,6 +229,7 @@ def test_mis_average_and_branch0_history(model, setup):
     assert before.shape[0] == 3
     torch.testing.assert_close(merged_in, before.mean(0))
     assert stats.trace[3]["n_old_eps"] == 3  # branch 0's history continues
+    assert [e["step"] for e in stats.trace] == list(range(6))  # the only trace field the parity check does not read
 
 
 def test_alpha_zero_equals_fusers_off(model, setup):
