@@ -111,6 +111,42 @@ def test_plms_equals_diffusers_pndm_skip_prk(model, setup, beta_schedule, b0, b1
     torch.testing.assert_close(ours, x, atol=1e-4 * x.abs().max().item(), rtol=0)
 
 
+def test_v_prediction_oracle_lands_on_its_image(model, setup, monkeypatch):
+    """A v-prediction model that knows the image x0 (it outputs v = sqrt(a) eps - sqrt(1 - a) x0 for its input) and
+    an epsilon model that knows it give the same DDIM path, the one that keeps x_t = sqrt(a) x0 + sqrt(1 - a) eps_T:
+    the sampler turns v into eps = sqrt(a) v + sqrt(1 - a) x_t. Done twice with one Sampler whose schedule is changed
+    in between (its alphas table must follow). Found by mutation testing: no sampler test ran a v-prediction model,
+    and the Shapes model is one."""
+    import dataclasses
+
+    from instdiff_lib.sampling.sampler import alphas_cumprod
+
+    full, insts, uc, x_T = setup
+    x0 = torch.rand(x_T.shape, generator=torch.Generator().manual_seed(21)) * 2 - 1
+    sampler = Sampler(model)
+    for beta_schedule, b0, b1 in (("linear", 1e-4, 0.02), ("scaled_linear", 0.00085, 0.012)):
+        outs = {}
+        for kind in ("v_prediction", "epsilon"):
+            cfg = dataclasses.replace(model.cfg.schedule, prediction_type=kind, beta_schedule=beta_schedule,
+                                      beta_start=b0, beta_end=b1)
+            acp = alphas_cumprod(cfg).double()
+
+            def oracle(x, t, *args, acp=acp, kind=kind):
+                a, img = acp[t].view(-1, 1, 1, 1), x0.repeat(x.shape[0] // x0.shape[0], 1, 1, 1)  # [cond; uncond]
+                eps = (x.double() - a.sqrt() * img) / (1 - a).sqrt()
+                out = a.sqrt() * eps - (1 - a).sqrt() * img if kind == "v_prediction" else eps
+                return out.float()
+
+            monkeypatch.setattr(model, "forward", oracle)
+            sampler.schedule_cfg = cfg
+            outs[kind] = sampler.sample(x_T, [full], uc, steps=10, guidance=7.5, mis=0.0, method="ddim",
+                                        progress=False)
+        eps_T = (x_T.double() - acp[901].sqrt() * x0) / (1 - acp[901]).sqrt()  # t of the first of 10 steps: 901
+        want = (acp[0].sqrt() * x0 + (1 - acp[0]).sqrt() * eps_T).float()  # alphas_prev of the last step: acp[0]
+        torch.testing.assert_close(outs["epsilon"], want, atol=1e-4, rtol=0)
+        torch.testing.assert_close(outs["v_prediction"], want, atol=1e-4, rtol=0)
+
+
 def test_mis_zero_is_plain_sampler(model, setup):
     full, insts, uc, x_T = setup
     a = run(model, setup, steps=5, mis=0.0)
