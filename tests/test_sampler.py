@@ -59,11 +59,21 @@ def test_gate_schedule_counts_plms_steps():
     assert sum(gate_schedule(50, 0.75)) == 37 and sum(gate_schedule(50, 0.8)) == 40
     assert gate_schedule(8, 0.75) == [1, 1, 1, 1, 1, 1, 0, 0]
     assert sum(gate_schedule(50, 1.0)) == 50 and sum(gate_schedule(50, 0.0)) == 0
+    for alpha in (-0.1, 1.5):  # found by mutation testing: the bounds and the message were unpinned
+        with pytest.raises(ValueError, match=rf"^alpha must be in \[0, 1\], got {alpha}$"):
+            gate_schedule(50, alpha)
 
 
 def test_schedule_is_ldm_uniform():
     s = Schedule.make(50)
     assert s.timesteps[0] == 1 and s.timesteps[-1] == 981 and len(s) == 50
+    # the most steps: 999 (found by mutation testing: 1000 passed the check, then indexed past the 1000-entry table)
+    most = Schedule.make(999)
+    assert torch.equal(most.timesteps, torch.arange(999) + 1)
+    assert torch.equal(most.alphas_prev[1:], most.alphas[:-1])
+    for steps in (0, 1000):
+        with pytest.raises(ValueError, match=rf"^steps must be in \[1, 999\], got {steps}$"):
+            Schedule.make(steps)
 
 
 @pytest.mark.parametrize("beta_schedule,b0,b1", [("scaled_linear", 0.00085, 0.012), ("linear", 1e-4, 0.02)])

@@ -53,8 +53,8 @@ class Schedule:
     def make(cls, steps: int, cfg: ScheduleConfig | None = None) -> "Schedule":
         cfg = cfg or ScheduleConfig()
         T = cfg.num_train_timesteps
-        if not 1 <= steps <= T:
-            raise ValueError(f"steps must be in [1, {T}], got {steps}")
+        if not 1 <= steps < T:  # steps = T would put the last timestep (T - 1) * 1 + 1 = T past the table
+            raise ValueError(f"steps must be in [1, {T - 1}], got {steps}")
         ac = alphas_cumprod(cfg)
         # = official range(0, T, T // steps) + 1 whenever steps divides T (50 does); for other step counts
         # the official code overruns the table, we take the first `steps` entries (diffusers "leading").
