@@ -300,6 +300,19 @@ def _vae_oracle(ldm_sd, n_blocks):
     return convert_ldm_vae_checkpoint(dict(ldm_sd), config)
 
 
+def test_vae_table_with_three_channel_widths():
+    """The first decoder ResBlock of each level reads the channels of the level above it (after the mid block, for
+    the last): with widths (32, 32, 64, 96) the table has exactly the diffusers VAE's keys, shortcuts included (found
+    by mutation testing: with (32, 64, 64) a block reading the wrong level's width still decides its shortcut right)."""
+    boc, lpb = (32, 32, 64, 96), 1
+    vae = AutoencoderKL(block_out_channels=boc, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=lpb, latent_channels=4)
+    table, _ = vae_key_table({"block_out_channels": boc, "layers_per_block": lpb})
+    assert set(table.values()) == set(vae.state_dict())
+    shortcuts = {k.split(".")[2] for k in table.values() if k.startswith("decoder.") and "conv_shortcut.weight" in k}
+    assert shortcuts == {"1", "2"}  # up_blocks 0: 96 -> 96 (after the mid block), 1: 96 -> 64, 2: 64 -> 32, 3: 32 -> 32
+
+
 def test_vae_oracle_and_round_trip_tiny():
     boc, lpb = (32, 64, 64), 2
     torch.manual_seed(0)
@@ -388,7 +401,9 @@ def test_text_encoder_conversion():
 def test_unknown_unet_key_raises(tiny_weights):
     bad = dict(tiny_weights)
     bad["input_blocks.99.0.weight"] = torch.zeros(1)
-    with pytest.raises(KeyMapError, match=r"1 unknown key\(s\): input_blocks\.99\.0\.weight") as info:
+    # the message names the direction (found by mutation testing)
+    with pytest.raises(KeyMapError, match=r"^official UNet -> diffusers: key mismatch\. "
+                                          r"1 unknown key\(s\): input_blocks\.99\.0\.weight\.$") as info:
         convert_unet_state_dict(bad, TINY_LAYOUT)
     assert info.value.unknown == ["input_blocks.99.0.weight"] and info.value.missing == []
     assert isinstance(info.value, KeyError)
