@@ -300,3 +300,37 @@ def test_seg_position_embedding_initialised_at_std_002():
     torch.manual_seed(0)
     pos = UniFusion(tiny().unifusion).pos_embedding.detach()  # 64 x 16 values: their sd is 0.02 within ~5%
     assert 0.018 < float(pos.std()) < 0.022 and abs(float(pos.mean())) < 2e-3
+
+
+def test_layer_norm_of_a_constant_pixel_is_its_bias():
+    """A pixel whose channels are all equal has variance 0: eps keeps the division finite and the output is the bias
+    (found by mutation testing: `var - eps` went unnoticed, a NaN for such pixels)."""
+    from instdiff_lib.model.unifusion import LayerNorm2d
+
+    ln = LayerNorm2d(4)
+    with torch.no_grad():
+        ln.bias.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0]))
+    out = ln(torch.full((1, 4, 2, 3), 7.0))
+    torch.testing.assert_close(out, ln.bias.detach().view(1, 4, 1, 1).expand(1, 4, 2, 3))
+
+
+def test_an_instance_with_zero_scribble_and_polygon_coordinates_is_present():
+    """Official presence rule for scribbles and mask points: sum(coordinates) + mask > 0. An instance (mask 1) whose
+    coordinates are all 0 is present: its scribble and polygon tokens embed the zeros and do not use the null
+    features; a padded slot does (found by mutation testing: `- mask` and `> 1` went unnoticed)."""
+    torch.manual_seed(0)
+    m = InstanceUNet(tiny()).eval()
+    pn, n = m.position_net, m.cfg.unifusion.n_slots
+    g = pn.null_grounding(1, seg_size=1)
+    g["masks"][:, 0] = 1
+    g["boxes"][:, 0] = torch.tensor([0.1, 0.1, 0.5, 0.5])
+    g["positive_embeddings"][:, 0] = torch.randn(m.cfg.unifusion.in_dim)
+    keep_all = DropFlags.preset("all")  # nothing dropped (the model's default drops scribbles)
+    with torch.no_grad():
+        a = m.tokenize(g, keep_all)
+        pn.null_scribble_feature.add_(1.0)
+        pn.null_polygon_feature.add_(1.0)
+        b = m.tokenize(g, keep_all)
+    for block in (2, 3):  # [box | point | scribble | polygon] x n_slots, then the seg tokens
+        torch.testing.assert_close(a[:, block * n], b[:, block * n])  # slot 0: present, null unused
+        assert (a[:, block * n + 1] - b[:, block * n + 1]).abs().max() > 1e-3  # slot 1: padded, null used
