@@ -3,7 +3,7 @@
     python tools/mutation.py                 # every module below, one after the other
     python tools/mutation.py pim guards      # some of them
     python tools/mutation.py --report        # the table of the last runs only (no mutmut)
-    python tools/mutation.py --recheck-timeouts keymap   # also retest "timeouts" (wall-clock: spurious when starved)
+    python tools/mutation.py --recheck-timeouts keymap   # also retest "timeouts" (spurious on an oversubscribed machine)
     python tools/mutation.py sampler --functions '*x_plms_combine*'   # a slow module in parts
 
 Each module runs in its own scratch project ``outputs/mutation/<name>/``: a copy of ``instdiff_lib``, ``tests`` and
@@ -189,7 +189,7 @@ def collect(name: str, t: Target) -> dict:
                 continue
             if code in KILLED:
                 counts["killed"] += 1
-                if code in (36, -24, 24, 152):  # mutmut's wall-clock timeouts
+                if code in (36, -24, 24, 152):  # mutmut's timeouts (a CPU-seconds limit per mutant)
                     timeouts.append(key)
             elif key in eq and code in (0, 5, 33):
                 counts["equivalent"] += 1

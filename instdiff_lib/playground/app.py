@@ -71,7 +71,7 @@ class App:
                                          continuous_update=True), "seed")
         self.keep_seed = tag(W.Checkbox(value=s.keep_seed, description="keep the seed (same noise across edits)"),
                              "keep-seed")
-        self.steps = tag(W.BoundedIntText(value=s.steps, min=1, max=1000, description="steps", continuous_update=True),
+        self.steps = tag(W.BoundedIntText(value=s.steps, min=1, max=999, description="steps", continuous_update=True),
                          "steps")
         self.guidance = tag(W.FloatSlider(value=s.guidance, min=1.0, max=15.0, step=0.5, description="guidance"),
                             "guidance")

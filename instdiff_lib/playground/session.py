@@ -51,8 +51,8 @@ class Settings:
     def check(self) -> None:
         if not isinstance(self.seed, int) or self.seed < 0:
             raise PlaygroundError(f"seed must be a whole number >= 0, got {self.seed!r}")
-        if not 1 <= self.steps <= 1000:
-            raise PlaygroundError(f"steps must be between 1 and 1000, got {self.steps}")
+        if not 1 <= self.steps <= 999:  # the sampler's bound (Schedule.make)
+            raise PlaygroundError(f"steps must be between 1 and 999, got {self.steps}")
         for name in ("alpha", "mis"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise PlaygroundError(f"{name} is a fraction of the steps, between 0 and 1; got {getattr(self, name)}")
