@@ -334,3 +334,42 @@ def test_an_instance_with_zero_scribble_and_polygon_coordinates_is_present():
     for block in (2, 3):  # [box | point | scribble | polygon] x n_slots, then the seg tokens
         torch.testing.assert_close(a[:, block * n], b[:, block * n])  # slot 0: present, null unused
         assert (a[:, block * n + 1] - b[:, block * n + 1]).abs().max() > 1e-3  # slot 1: padded, null used
+
+
+def test_fourier_features_follow_the_coordinates_device_and_dtype():
+    """On a GPU the frequencies must be built where the coordinates are (the meta device stands in for one here: a
+    CPU tensor beside it raises), and half-precision coordinates give half-precision features of the right values."""
+    emb = FourierEmbedder(16, 100.0)
+    out = emb(torch.zeros(2, 3, 4, device="meta"))
+    assert (out.device.type, tuple(out.shape), out.dtype) == ("meta", (2, 3, 128), torch.float32)
+    v = torch.tensor([[0.5, 0.25]], dtype=torch.float64)
+    half = emb(v.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16  # bfloat16 rounds an argument near 50 to a quarter: loose values
+    torch.testing.assert_close(half.double(), emb(v), atol=0.15, rtol=0)
+
+
+def test_a_bfloat16_unifusion_tokenizes_float32_grounding_in_its_own_dtype():
+    """The half-precision GPU path: the sampler hands float32 grounding to a half-precision model. Every token is
+    computed in the model's dtype, under every drop setting and with no seg pixels at all (one float32 intermediate
+    would reach a bfloat16 Linear and raise), and equals the float32 model's tokens to bfloat16 precision."""
+    import copy
+
+    cfg = tiny().unifusion
+    torch.manual_seed(0)
+    uni = UniFusion(cfg).eval()
+    with torch.no_grad():
+        for name, p in uni.named_parameters():
+            if name.startswith("null_"):
+                p.normal_()
+    half = copy.deepcopy(uni).to(torch.bfloat16)
+    g = _random_grounding(cfg, seed=3)
+    g["masks"][1, 2:] = 0  # padded slots in sample 1
+    no_segs = dict(g, segs=torch.zeros_like(g["segs"]))
+    cases = [(g, DropFlags.preset(p)) for p in ("all", "mask", "box", "point")] + [
+        (g, DropFlags(True, True, True, True)), (no_segs, DropFlags.preset("all"))]
+    with torch.no_grad():
+        for grounding, drop in cases:
+            want = uni.tokenize(**grounding, drop=drop)
+            got = half.tokenize(**grounding, drop=drop)
+            assert got.dtype == torch.bfloat16, drop
+            torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05, msg=f"{drop}")
