@@ -191,6 +191,24 @@ def test_training_lowers_the_loss_on_a_fixed_batch(tmp_path, data_dir, dataset, 
     assert math.isfinite(ema_after)
 
 
+def test_the_ema_follows_every_parameter_with_the_warmup_decay(tmp_path, data_dir, dataset, one_thread):
+    """After each step the EMA of every trained weight (UNet, fusers, tokenizer, ScaleU and the text tower) moves
+    towards it by 1 - min(ema_decay, (1 + k) / (10 + k)); recomputed here from the weights after each step."""
+    tr = Trainer(_cfg(tmp_path, data_dir, steps=2, ema_decay=0.5), data=dataset)
+    want = {n: p.detach().double().clone() for n, p in tr.model.named_parameters()}
+    for k, d in enumerate((1 / 10, 2 / 11)):  # (1 + k) / (10 + k), below ema_decay at both steps
+        assert tr.ema_decay_at(k) == pytest.approx(d)
+        tr.train_step()
+        want = {n: d * want[n] + (1 - d) * p.detach().double() for n, p in tr.model.named_parameters()}
+    assert tr.ema_decay_at(20) == 0.5  # capped at ema_decay
+    assert set(tr.ema) == set(want)
+    for part in ("unet.unet.conv_in.weight", "unet.unet.position_net.linears_list.0.0.weight",
+                 "text.embeddings.token_embedding.weight"):
+        assert not torch.allclose(want[part], tr.model.get_parameter(part).double()), part  # the EMA lags
+    for n, v in want.items():
+        torch.testing.assert_close(tr.ema[n].double(), v, rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_resume_is_bit_identical_and_export_loads(tmp_path, data_dir, dataset, one_thread):
     from instdiff_lib.sampling.pipeline import InstanceDiffusionPipeline
 
