@@ -292,18 +292,27 @@ def test_minutes_budget_counts_wall_time_once(tmp_path, data_dir, dataset):
 
 
 # ---- diagnostics -----------------------------------------------------------------------------------
+LAYOUT_KEYS = ("boxes", "masks", "scribbles", "polygons", "segs", "points", "positive_embeddings")
+
+
+def _layout_vectors(grounding) -> torch.Tensor:
+    """Every field of each sample's grounding, flattened into one row."""
+    return torch.cat([grounding[k].flatten(1).float() for k in LAYOUT_KEYS], dim=1)
+
+
 class _OracleUNet(torch.nn.Module):
     """A denoiser whose use of the layout is known: it recognises each image by its caption, predicts the exact
-    target when given that image's own boxes, the target + ``wrong`` with another image's boxes and the target +
-    ``null`` with the null (all-zero) layout. Its training losses are then 0, wrong**2 and null**2."""
+    target when given that image's own layout (every field), the target + ``wrong`` with another image's whole layout,
+    the target + ``null`` with the null (all-zero) layout, and the target + 1 with anything else (a mix of two images'
+    fields). Its training losses are then 0, wrong**2 and null**2."""
 
-    def __init__(self, cfg, contexts, x0s, boxes, acp, wrong, null):
+    def __init__(self, cfg, contexts, x0s, layouts, acp, wrong, null):
         super().__init__()
-        self.cfg, self.contexts, self.x0s, self.boxes, self.acp = cfg, contexts, x0s, boxes, acp
+        self.cfg, self.contexts, self.x0s, self.layouts, self.acp = cfg, contexts, x0s, layouts, acp
         self.wrong, self.null = wrong, null
 
     def tokenize(self, grounding, drop=None):
-        return grounding["boxes"]
+        return _layout_vectors(grounding)
 
     def regions(self, grounding, drop, size):
         return None  # full fuser attention: no instance regions
@@ -316,17 +325,18 @@ class _OracleUNet(torch.nn.Module):
             target = (a.sqrt() * xt[b] - self.x0s[i]) / (1 - a).sqrt()  # v, from x_t and the image's x0
             if self.cfg.schedule.prediction_type != "v_prediction":
                 target = (xt[b] - a.sqrt() * self.x0s[i]) / (1 - a).sqrt()  # eps
+            owner = [j for j in range(len(self.layouts)) if torch.allclose(objs[b], self.layouts[j], atol=1e-5)]
             if not objs[b].any():
                 target = target + self.null
-            elif not torch.equal(objs[b], self.boxes[i]):
-                target = target + self.wrong
+            elif owner != [i]:
+                target = target + (self.wrong if len(owner) == 1 else 1.0)
             out.append(target)
         return torch.stack(out)
 
 
 def test_grounding_gap_is_the_loss_lost_without_the_true_layout(tmp_path, data_dir, dataset):
-    """Known answer: for the oracle above the true loss is 0, the shuffled-layout gap wrong**2 and the null gap
-    null**2, whatever the timesteps and noise drawn."""
+    """Known answer: for the oracle above the true loss is 0, the shuffled-layout gap wrong**2 (every field of the
+    layout comes from one other image) and the null gap null**2, whatever the timesteps and noise drawn."""
     tr = Trainer(_cfg(tmp_path, data_dir), data=dataset)
     n = 8
     batch = dataset.batch(range(n))
@@ -334,6 +344,8 @@ def test_grounding_gap_is_the_loss_lost_without_the_true_layout(tmp_path, data_d
     with torch.no_grad():
         contexts = tr.model.text(input_ids=batch["global_ids"]).last_hidden_state
         x0s = tr.comp.vae.encode_latents(batch["images"])
+        layouts = _layout_vectors(conditioning(tr.model, batch)[1])
+    assert all(not torch.allclose(layouts[i], layouts[j], atol=1e-5) for i in range(n) for j in range(i))
 
     class Oracle(torch.nn.Module):
         def __init__(self, prediction_type):
@@ -341,7 +353,7 @@ def test_grounding_gap_is_the_loss_lost_without_the_true_layout(tmp_path, data_d
             self.text = tr.model.text
             cfg = tr.comp.unet.cfg.replace(schedule=dataclasses.replace(tr.comp.unet.cfg.schedule,
                                                                          prediction_type=prediction_type))
-            self.unet = _OracleUNet(cfg, contexts, x0s, batch["boxes"], tr.acp, wrong=0.3, null=0.5)
+            self.unet = _OracleUNet(cfg, contexts, x0s, layouts, tr.acp, wrong=0.3, null=0.5)
 
     for kind in ("v_prediction", "epsilon"):
         oracle = Oracle(kind)
