@@ -373,3 +373,25 @@ def test_a_bfloat16_unifusion_tokenizes_float32_grounding_in_its_own_dtype():
             got = half.tokenize(**grounding, drop=drop)
             assert got.dtype == torch.bfloat16, drop
             torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05, msg=f"{drop}")
+
+
+def test_a_dropped_modality_ignores_its_coordinates_and_a_kept_one_reads_them():
+    """Each drop flag alone: the tokens of its modality no longer depend on its coordinates (they come from the null
+    feature), and with nothing dropped they do. Masks: the polygon and the seg tokens. Token blocks are
+    [box | point | scribble | polygon] x n_slots, then the seg tokens."""
+    cfg = tiny().unifusion
+    torch.manual_seed(0)
+    uni = UniFusion(cfg).eval()
+    n = cfg.n_slots
+    g = _random_grounding(cfg, seed=4)
+    moved = _random_grounding(cfg, seed=5)
+    cases = {0: (["boxes"], [0]), 1: (["points"], [1]), 2: (["scribbles"], [2]), 3: (["polygons", "segs"], [3, 4])}
+    with torch.no_grad():
+        for flag, (keys, blocks) in cases.items():
+            g2 = dict(g, **{k: moved[k] for k in keys})
+            only = DropFlags(*[i == flag for i in range(4)])
+            for drop, same in ((only, True), (DropFlags.preset("all"), False)):
+                a, b = uni.tokenize(**g, drop=drop), uni.tokenize(**g2, drop=drop)
+                for block in blocks:
+                    rows = slice(block * n, (block + 1) * n) if block < 4 else slice(4 * n, None)
+                    assert torch.equal(a[:, rows], b[:, rows]) == same, (keys, drop)
